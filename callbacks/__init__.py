@@ -1,0 +1,19 @@
+"""Callbacks of vrpo_pl, installed as ``vrpo_pl.callbacks`` (sources in the repository's top-level ``callbacks/``).
+
+- :class:`FrozenLMTargets`: entropy/perplexity targets of a frozen LM and key-token marks (VRPO's auxiliary loss).
+- :class:`KLController`: fixed or adaptive KL coefficient, saved in checkpoints.
+- :class:`SampleLogger`: prompt/response/rewards/advantages as TensorBoard text.
+"""
+
+from vrpo_pl.callbacks.guide_targets import FrozenLMTargets, GuideTargets
+from vrpo_pl.callbacks.kl_control import KLController, adaptive_kl_update
+from vrpo_pl.callbacks.sample_logger import SampleLogger, samples_markdown
+
+__all__ = [
+    "FrozenLMTargets",
+    "GuideTargets",
+    "KLController",
+    "SampleLogger",
+    "adaptive_kl_update",
+    "samples_markdown",
+]

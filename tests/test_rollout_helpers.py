@@ -1,0 +1,104 @@
+"""Unit tests of the rollout's pure helpers: response masks, position ids under left padding, guide targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Categorical
+from torch.testing import assert_close
+
+from vrpo_pl.rollout import guide_targets, position_ids_from_mask, response_mask
+
+
+@pytest.mark.parametrize(
+    "row,eos,expected_mask,truncated",
+    [
+        ([5, 2, 7, 7], 2, [1, 1, 0, 0], False),  # EOS in the middle, then padding
+        ([5, 6, 7, 2], 2, [1, 1, 1, 1], False),  # EOS at the last position
+        ([5, 6, 7, 8], 2, [1, 1, 1, 1], True),  # no EOS: truncated, every token counts
+        ([2, 6, 7, 8], 2, [1, 0, 0, 0], False),  # EOS first: only the EOS token
+        ([5, 2, 2, 2], 2, [1, 1, 0, 0], False),  # padding with the EOS id: only the first EOS counts
+        ([5, 9, 2, 7], [2, 9], [1, 1, 0, 0], False),  # several EOS ids: the first of any ends it
+        ([5, 6, 2, 9], [9, 2], [1, 1, 1, 0], False),
+        ([5, 6, 7, 8], [2, 9], [1, 1, 1, 1], True),
+        ([5, 6, 9, 8], [9], [1, 1, 1, 0], False),  # a one-element list
+    ],
+)
+def test_response_mask_cases(row, eos, expected_mask, truncated):
+    """The mask covers tokens up to and including the first EOS; truncated is True when no EOS was generated."""
+    mask, trunc = response_mask(torch.tensor([row]), eos)
+    assert mask.dtype == torch.float32
+    assert torch.equal(mask, torch.tensor([expected_mask], dtype=torch.float32))
+    assert trunc.dtype == torch.bool
+    assert trunc.tolist() == [truncated]
+
+
+def test_response_mask_batch_matches_naive_loop():
+    """A random batch with EOS at random places matches a per-row loop."""
+    g = torch.Generator().manual_seed(0)
+    eos_ids = [3, 4]
+    responses = torch.randint(0, 12, (16, 9), generator=g)
+    mask, truncated = response_mask(responses, eos_ids)
+    for b, row in enumerate(responses.tolist()):
+        ends = [t for t, tok in enumerate(row) if tok in eos_ids]
+        length = ends[0] + 1 if ends else len(row)
+        assert mask[b].tolist() == [1.0] * length + [0.0] * (len(row) - length)
+        assert truncated[b].item() == (not ends)
+    # Masks are contiguous from position 0, as gae_advantages and token_rewards assume.
+    assert torch.equal(mask, torch.sort(mask, dim=1, descending=True).values)
+
+
+def test_position_ids_skip_left_padding():
+    """Left-padded rows count positions from their first real token; padding gets 0."""
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    expected = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
+    assert torch.equal(position_ids_from_mask(attention_mask), expected)
+
+
+def test_position_ids_continue_through_response():
+    """Prompt (left-padded) + response: positions run on without a gap; a bool or float mask gives the same."""
+    prompt = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    response = torch.tensor([[1, 1, 0], [1, 1, 1]])  # response padding at the end of row 0
+    full = torch.cat([prompt, response], dim=1)
+    pos = position_ids_from_mask(full)
+    assert pos[0].tolist() == [0, 0, 1, 2, 3, 3]
+    assert pos[1].tolist() == [0, 1, 2, 3, 4, 5]
+    assert pos.dtype == torch.long
+    assert torch.equal(position_ids_from_mask(full.bool()), pos)
+    assert torch.equal(position_ids_from_mask(full.float()), pos)
+
+
+def test_guide_targets_shape_entropy_and_surprisal():
+    """(B, A, 2): channel 0 is the Categorical entropy, channel 1 is the surprisal -log p(y_t)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 17, generator=g) * 2
+    responses = torch.randint(0, 17, (3, 5), generator=g)
+    targets = guide_targets(logits, responses)
+    assert targets.shape == (3, 5, 2)
+    assert targets.dtype == torch.float32
+    assert_close(targets[..., 0], Categorical(logits=logits).entropy())
+    surprisal = -torch.log_softmax(logits, -1).gather(-1, responses[..., None]).squeeze(-1)
+    assert_close(targets[..., 1], surprisal)
+    assert torch.all(targets >= 0)
+
+
+def test_guide_targets_extremes():
+    """Uniform logits: H = S = log V; a confident correct guess: H ~ S ~ 0; a confident wrong one: S large."""
+    vocab = 8
+    uniform = guide_targets(torch.zeros(1, 1, vocab), torch.tensor([[3]]))
+    assert_close(uniform, torch.full((1, 1, 2), torch.log(torch.tensor(float(vocab))).item()))
+    peaked = torch.full((1, 2, vocab), -30.0)
+    peaked[..., 5] = 30.0
+    out = guide_targets(peaked, torch.tensor([[5, 0]]))
+    assert out[0, 0, 0] < 1e-6 and out[0, 0, 1] < 1e-6
+    assert out[0, 1, 1] > 50.0
+
+
+def test_guide_targets_surprisal_mean_is_log_perplexity():
+    """exp(mean_t S_t) is the sequence perplexity exp(-mean_t log p(y_t))."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, 6, 10, generator=g)
+    responses = torch.randint(0, 10, (1, 6), generator=g)
+    probs = torch.softmax(logits, -1).gather(-1, responses[..., None]).squeeze(-1)
+    perplexity = probs.prod() ** (-1 / 6)
+    assert_close(guide_targets(logits, responses)[..., 1].mean().exp(), perplexity)

@@ -1,0 +1,54 @@
+"""The ``vrpo`` command: LightningCLI over :class:`RLSystem` and :class:`PromptDataModule`.
+
+    vrpo fit --config configs/vrpo.yaml [--trainer.strategy ddp] [--model.ppo.epochs 4 ...]
+    vrpo validate --config configs/vrpo.yaml --ckpt_path runs/.../last.ckpt
+
+Every setting's documentation (its attribute docstring) shows in ``vrpo fit --help``; nested settings with
+``class_path`` (sources, rewards, callbacks) show theirs with ``--help CLASS``-style options of jsonargparse,
+e.g. ``vrpo fit --model.reward.help vrpo_pl.rewards.SymmetricFlip``.
+"""
+
+from __future__ import annotations
+
+import jsonargparse
+from lightning.pytorch.cli import LightningCLI
+
+from vrpo_pl.data import PromptDataModule
+from vrpo_pl.system import RLSystem
+
+# Attribute docstrings (the text under each dataclass field) become --help text.
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+TRAINER_DEFAULTS = {
+    # One training step is one rollout batch, so max_steps counts rollout batches (see RLSystem).
+    "max_steps": 100,
+    # The training stream is infinite: validate every N rollout batches instead of once per epoch.
+    "val_check_interval": 10,
+    "check_val_every_n_epoch": None,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,
+}
+
+
+class VRPOCLI(LightningCLI):
+    """LightningCLI with the project's trainer defaults."""
+
+
+def cli(args: list[str] | None = None) -> VRPOCLI:
+    """Runs the CLI and returns it (``args`` for tests; default: ``sys.argv``)."""
+    return VRPOCLI(
+        RLSystem,
+        PromptDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main() -> None:
+    """Entry point of the ``vrpo`` console script."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

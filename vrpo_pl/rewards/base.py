@@ -1,0 +1,78 @@
+"""The reward-function protocol: what a reward sees and what it returns.
+
+A reward is any subclass of :class:`RewardFunction`, plugged in from YAML with ``class_path`` (no registry).
+It scores a batch of :class:`Completion` and returns :class:`RewardScores` with two signals:
+
+- ``train``: what the policy is trained on (possibly corrupted by a noise model);
+- ``gold``: the uncorrupted verifier verdict when one exists, logged beside ``train`` and never trained on.
+
+Noise models wrap another reward (``SymmetricFlip(base=NumericVerifier())``) and pass the base's gold through.
+Rewards that draw random numbers own a seeded ``torch.Generator`` and expose it through
+``state_dict``/``load_state_dict`` so that a resumed run draws the same noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Completion:
+    """One sampled response with everything a reward may look at."""
+
+    prompt: str
+    """The task's prompt text, before any chat template."""
+    response: str
+    """The decoded response (special tokens removed)."""
+    answer: str | None = None
+    """The reference answer from the data set, if any."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The data set's metadata for this prompt (for reasoning-gym: its entry, used by its scorer)."""
+    num_tokens: int = 0
+    """Length of the response in tokens (EOS included when it was generated)."""
+    truncated: bool = False
+    """True when generation stopped at max_new_tokens before an EOS."""
+
+
+@dataclass
+class RewardScores:
+    """What a reward returns for a batch of B completions."""
+
+    train: Tensor
+    """(B,) float32: the reward the policy is trained on."""
+    gold: Tensor | None = None
+    """(B,) float32: the uncorrupted verifier reward, or None when no verifier exists."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Extra scalars logged as ``reward/<key>`` (observed flip rates, reward-model accuracy, ...)."""
+
+
+class RewardFunction(ABC):
+    """Base class of every reward: verifiers, reward models and noise wrappers."""
+
+    @abstractmethod
+    def score(self, completions: list[Completion]) -> RewardScores:
+        """Scores a batch for training. May draw random numbers (noise models)."""
+
+    def gold_score(self, completions: list[Completion]) -> Tensor | None:
+        """The uncorrupted reward, used for validation. Must not draw random numbers.
+
+        The default scores with :meth:`score` and returns its gold; deterministic rewards need nothing more,
+        rewards that draw random numbers override this to leave their generator untouched.
+        """
+        return self.score(completions).gold
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to save in checkpoints (random generators); empty for deterministic rewards."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s output."""
+
+    def to(self, device: torch.device) -> RewardFunction:
+        """Moves any model the reward holds to ``device``; rewards without models ignore it."""
+        return self

@@ -1,0 +1,114 @@
+"""Setting groups of the training system. Each field's docstring is its ``vrpo fit --help`` text.
+
+Defaults cite their source; where the VRPO paper is silent the default is marked "our choice".
+``PromptSettings`` and ``GenerationSettings`` live in :mod:`vrpo_pl.rollout`, ``LoRASpec`` in
+:mod:`vrpo_pl.models`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vrpo_pl.losses import KLEstimator, LossAggregation
+
+
+@dataclass
+class PPOSettings:
+    """The PPO update: epochs, batch sizes, clipping and advantages."""
+
+    epochs: int = 2
+    """Passes over each rollout batch (PPO epochs; 1-4 in the anchors)."""
+    mini_batch_size: int = 8
+    """Sequences per optimizer step; must divide the rollout batch (prompts_per_rollout * samples_per_prompt)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward; gradients accumulate over mini_batch_size / micro_batch_size micro-batches
+    (None: no accumulation). Losses are divided by the whole mini-batch's token count, so the result is exact."""
+    clip_eps: float = 0.2
+    """Policy ratio clip range epsilon (Schulman et al. 2017)."""
+    value_clip: float | None = 0.2
+    """Value clip range around the rollout's values (PPO2; Secrets of RLHF I); None for plain MSE."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (0 in the RLHF anchors)."""
+    loss_aggregation: LossAggregation = "token_mean"
+    """``token_mean`` over the mini-batch's response tokens, or ``seq_mean_token_mean``."""
+    gamma: float = 1.0
+    """GAE discount (1.0 in every anchor)."""
+    lam: float = 0.95
+    """GAE lambda (0.95 TRL/MOSS/NeMo; 1.0 OpenRLHF/verl)."""
+    whiten_advantages: bool = True
+    """Standardize PPO/VRPO advantages over the rollout batch's response tokens (Secrets of RLHF I)."""
+    grpo_scale_by_std: bool = True
+    """GRPO: divide group-centered rewards by the group's std; False is Dr. GRPO (Liu et al. 2025)."""
+    critic_warmup_rollouts: int = 0
+    """Rollout batches at the start during which only the critic trains (Secrets of RLHF I)."""
+    max_nonfinite_updates: int = 5
+    """Non-finite losses in a row after which the run stops; each one skips its optimizer step and is counted."""
+
+
+@dataclass
+class OptimSettings:
+    """AdamW optimizers, one for the policy and one for the critic."""
+
+    policy_lr: float = 1e-5
+    """Policy learning rate (full fine-tuning; LoRA configs use ~1e-4)."""
+    critic_lr: float = 5e-5
+    """Critic learning rate (anchors: 3-10x the policy's)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay for both optimizers."""
+    policy_max_grad_norm: float | None = 1.0
+    """Global gradient-norm clip of the policy (None: no clipping)."""
+    critic_max_grad_norm: float | None = 1.0
+    """Global gradient-norm clip of the critic (None: no clipping)."""
+
+
+@dataclass
+class KLSettings:
+    """The KL penalty to the reference policy."""
+
+    coef: float = 0.05
+    """KL coefficient: fixed, or the starting value when the KLController callback adapts it."""
+    estimator: KLEstimator | None = None
+    """k1, k2 or k3 (Schulman); None: k1 for PPO/VRPO (KL in the reward), k3 for GRPO (KL in the loss)."""
+    placement: Literal["reward", "loss"] | None = None
+    """``reward``: r_t = -coef * kl_t per token (PPO/VRPO default); ``loss``: coef * KL added to the policy
+    loss (GRPO default). None picks by algorithm."""
+
+
+@dataclass
+class RewardSettings:
+    """Transformations of the training reward before advantages (the gold reward is never transformed)."""
+
+    normalize: bool = False
+    """Standardize scores with running mean/std (PPO-max, Secrets of RLHF I); the statistics are checkpointed."""
+    clip: float | None = None
+    """Clip (normalized) scores to [-clip, clip]; None: no clipping."""
+    on_nonfinite: Literal["skip", "error"] = "skip"
+    """A NaN/inf reward: ``skip`` the rollout batch (logged, counted) or stop with an ``error`` naming the sample.
+    Never trains on it."""
+
+
+@dataclass
+class CriticSettings:
+    """The value model: head, VIB and the frozen-LM auxiliary loss (the VRPO part)."""
+
+    vib: bool | None = None
+    """Variational information bottleneck head; None: on for ``vrpo``, off for ``ppo``."""
+    latent_dim: int = 64
+    """VIB latent size d_z (our choice)."""
+    decoder_hidden: int = 128
+    """Hidden width of the VIB decoder MLP (our choice)."""
+    beta: float = 1e-3
+    """VIB KL weight (our choice)."""
+    beta_warmup_rollouts: int = 0
+    """Rollout batches over which beta ramps linearly from 0 (0: constant)."""
+    aux: Literal["predict", "weight", "none"] | None = None
+    """Auxiliary loss guided by the frozen LM: ``predict`` heads regress its standardized entropy and surprisal
+    from z; ``weight`` up-weights key tokens in the value loss; ``none``. None: ``predict`` for vrpo, else
+    ``none`` (our choice of forms). Needs the FrozenLMTargets callback."""
+    aux_coef: float = 0.1
+    """lambda_aux, the auxiliary loss weight (our choice)."""
+    aux_key_only: bool = False
+    """``predict``: regress the targets on key tokens only (else on every response token)."""
+    key_alpha: float = 1.0
+    """``weight``: value-loss weight w_t = 1 + alpha * key_t (our choice)."""
