@@ -3,9 +3,11 @@
 - :class:`FrozenLMTargets`: entropy/perplexity targets of a frozen LM and key-token marks (VRPO's auxiliary loss).
 - :class:`KLController`: fixed or adaptive KL coefficient, saved in checkpoints.
 - :class:`SampleLogger`: prompt/response/rewards/advantages as TensorBoard text.
+- :class:`KeyTokenView`: per-token advantage, value and guide entropy/surprisal of a few validation prompts.
 """
 
 from vrpo_pl.callbacks.guide_targets import FrozenLMTargets, GuideTargets
+from vrpo_pl.callbacks.key_token_view import KeyTokenView, heatmap_figure, token_table
 from vrpo_pl.callbacks.kl_control import KLController, adaptive_kl_update
 from vrpo_pl.callbacks.sample_logger import SampleLogger, samples_markdown
 
@@ -13,7 +15,10 @@ __all__ = [
     "FrozenLMTargets",
     "GuideTargets",
     "KLController",
+    "KeyTokenView",
     "SampleLogger",
     "adaptive_kl_update",
+    "heatmap_figure",
     "samples_markdown",
+    "token_table",
 ]

@@ -396,8 +396,11 @@ class RLSystem(pl.LightningModule):
         return rollout
 
     def _score_tokens(self, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                      responses: Tensor) -> dict[str, Tensor]:
-        """Old log-probs, reference log-probs, guide targets and values for a slice; each pass runs once."""
+                      responses: Tensor, with_guide: bool = False) -> dict[str, Tensor]:
+        """Old log-probs, reference log-probs, guide targets and values for a slice; each pass runs once.
+
+        ``with_guide`` adds the guide targets even when the critic does not need them (for the key-token view).
+        """
         num = responses.shape[1]
         temperature = self.generation.temperature
         out = {"logp": response_logprobs(
@@ -405,9 +408,11 @@ class RLSystem(pl.LightningModule):
         with self._reference_context() as reference:
             ref_logits = response_logits(reference, sequences, attention_mask, position_ids, num)
         out["ref_logp"] = response_logprobs(ref_logits, responses, temperature)
-        if self.needs_guide:
+        if self.guide_callback is not None:
             out["guide_raw"] = self.guide_callback.raw_targets(sequences, attention_mask, position_ids, responses,
                                                                ref_logits)
+        elif with_guide:
+            out["guide_raw"] = guide_targets(ref_logits, responses)
         del ref_logits
         if self.critic is not None:
             out["values"] = self.critic(sequences, attention_mask, position_ids, num).values
@@ -693,6 +698,45 @@ class RLSystem(pl.LightningModule):
         _, completions = self._completions(batch, responses, mask, truncated)
         gold = self.reward.gold_score(completions)
         return (None if gold is None else gold.to(self.device, torch.float32)), mask.sum(1)
+
+    @torch.no_grad()
+    def token_view(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per-token quantities of greedy responses, for the key-token view (``KeyTokenView`` callback).
+
+        Returns one dict per prompt: prompt, tokens (decoded one by one), gold reward, and per-token lists of
+        advantage (GAE against the gold reward with the KL penalty, not whitened; None without a critic), value
+        (None without a critic), guide entropy and surprisal.
+        """
+        input_ids, prompt_mask = tokenize_prompts(self.tokenizer, list(batch["prompt"]), self.prompt)
+        input_ids, prompt_mask = input_ids.to(self.device), prompt_mask.to(self.device)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        responses = sample_responses(self.policy, input_ids, prompt_mask, self.generation, eos, pad, greedy=True)
+        mask, truncated = response_mask(responses, eos)
+        sequences = torch.cat([input_ids, responses], dim=1)
+        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
+        parts = self._score_tokens(sequences, attention_mask, position_ids_from_mask(attention_mask), responses,
+                                   with_guide=True)
+        _, completions = self._completions(batch, responses, mask, truncated)
+        gold = self.reward.gold_score(completions)
+        gold = torch.zeros(len(completions)) if gold is None else gold
+        gold = gold.to(self.device, torch.float32)
+        advantages = None
+        if "values" in parts:
+            kl = L.kl_estimate(parts["logp"], parts["ref_logp"], self.kl.estimator) * mask
+            rewards = token_rewards(gold, kl, mask, self.kl_coef)
+            advantages, _ = gae_advantages(rewards, parts["values"], mask, self.ppo.gamma, self.ppo.lam)
+        views = []
+        for i, n in enumerate(mask.sum(1).long().tolist()):
+            ids = responses[i, :n].tolist()
+            views.append({
+                "prompt": batch["prompt"][i], "gold": float(gold[i]),
+                "tokens": [self.tokenizer.decode([t]) for t in ids],
+                "advantage": None if advantages is None else advantages[i, :n].tolist(),
+                "value": parts["values"][i, :n].tolist() if "values" in parts else None,
+                "entropy": parts["guide_raw"][i, :n, 0].tolist(),
+                "surprisal": parts["guide_raw"][i, :n, 1].tolist(),
+            })
+        return views
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         gold, lengths = self._evaluate(batch)

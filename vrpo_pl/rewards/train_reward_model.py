@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,6 +58,7 @@ class SmolLMSampler:
         max_new_tokens: int = 48,
         temperature: float = 1.0,
         seed: int = 0,
+        verbose: bool = False,
     ):
         """Loads the model.
 
@@ -66,6 +68,7 @@ class SmolLMSampler:
             max_new_tokens: Tokens sampled per response.
             temperature: Sampling temperature (pure sampling: no top-k, no top-p).
             seed: Seed of the global torch generator before sampling starts.
+            verbose: Print progress to stderr after each batch.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,10 +84,12 @@ class SmolLMSampler:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.seed = seed
+        self.verbose = verbose
 
     def __call__(self, prompts: list[str]) -> list[str]:
         """Samples one response per prompt; returns the B decoded responses (special tokens removed)."""
         torch.manual_seed(self.seed)
+        started = time.perf_counter()
         responses = []
         for start in range(0, len(prompts), self.batch_size):
             chats = [[{"role": "user", "content": p}] for p in prompts[start : start + self.batch_size]]
@@ -102,6 +107,9 @@ class SmolLMSampler:
                 )
             new_tokens = out[:, batch["input_ids"].shape[1] :]
             responses += self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            if self.verbose:
+                elapsed = time.perf_counter() - started
+                print(f"sampled {len(responses)}/{len(prompts)} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
         return responses
 
 
@@ -213,6 +221,7 @@ def train_reward_model(
     template: str = "{prompt}\n{response}",
     seed: int = 0,
     completions_file: str | Path | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Samples, labels, trains, evaluates and saves a reward model; see the module docstring.
 
@@ -232,6 +241,7 @@ def train_reward_model(
         template: Input text from prompt and response; use the same in the ``RewardModel`` that loads it.
         seed: Seed of the prompts, the sampling, the head's initialization and the shuffling.
         completions_file: A ``completions.jsonl`` from an earlier run to reuse instead of sampling.
+        verbose: Print the default sampler's progress to stderr.
 
     Returns:
         The report also written to ``out/report.json``.
@@ -249,7 +259,7 @@ def train_reward_model(
         completions = completions[: num_labelled + num_test]
     else:
         entries = task_entries(task, num_labelled + num_test, seed, task_kwargs)
-        sampler = SmolLMSampler(seed=seed) if sampler is None else sampler
+        sampler = SmolLMSampler(seed=seed, verbose=verbose) if sampler is None else sampler
         completions = to_completions(entries, sampler([e["question"] for e in entries]), task)
     if len(completions) < num_labelled + num_test:
         raise ValueError(f"train_reward_model: only {len(completions)} completions for {num_labelled} + {num_test}")
@@ -355,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         balance=args.balance,
         seed=args.seed,
         completions_file=args.completions,
+        verbose=True,
     )
     print(format_report(report))
     return report
