@@ -119,5 +119,5 @@ class FrozenLMTargets(pl.Callback):
         return {"moments": [m.state_dict() for m in self.moments]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for moments, state in zip(self.moments, state_dict["moments"]):
+        for moments, state in zip(self.moments, state_dict["moments"], strict=True):
             moments.load_state_dict(state)

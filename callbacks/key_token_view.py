@@ -4,7 +4,8 @@ At every validation (and before training when the module validates at start) the
 ``num_prompts`` validation prompts greedily; for each response token the view shows the critic's value V_t, the
 GAE advantage A_t (against the gold reward, with the KL penalty, not whitened), and the guide's entropy H_t and
 surprisal S_t. It writes a Markdown table (TensorBoard text ``key_tokens``) and a heat map image
-(``key_tokens/heatmap``): rows are the quantities (with their range), columns the tokens, each row normalized to its own range.
+(``key_tokens/heatmap``): rows are the quantities (with their range), columns the tokens, each row normalized to
+its own range.
 """
 
 from __future__ import annotations

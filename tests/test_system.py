@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from vrpo_pl.callbacks import FrozenLMTargets, KLController, SampleLogger, adaptive_kl_update
+from vrpo_pl.models import TinyLM
+from vrpo_pl.rewards import NumericVerifier
+from vrpo_pl.system import RLSystem
 
 COMMON_TAGS = {
     "reward/train", "reward/gold", "loss/policy", "kl/ref", "kl/coef", "policy/clipfrac", "policy/approx_kl",
@@ -136,6 +139,7 @@ def micro_runs(request, run_cli, read_events, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_micro_batches_accumulate_to_the_mini_batch_gradient(micro_runs):
     """Micro-batches of 1 and 4 give the same weights and the same gradient norms before clipping.
 
@@ -153,12 +157,17 @@ def test_micro_batches_accumulate_to_the_mini_batch_gradient(micro_runs):
         assert s1[tag] == pytest.approx(s4[tag], rel=1e-4, abs=1e-6), f"{tag}: {s1[tag]} vs {s4[tag]}"
 
 
+@pytest.mark.slow
 def test_update_statistics_do_not_depend_on_micro_batch_size(micro_runs):
-    """Every logged statistic except timings is the same for micro-batches of 1 and 4."""
+    """Every logged statistic is the same for micro-batches of 1 and 4, except timings and clip fractions.
+
+    Clip fractions count tokens beyond a threshold, so a token at the boundary may flip with float noise.
+    """
     (_, s1), (_, s4) = micro_runs[1], micro_runs[4]
     assert s1.keys() == s4.keys()
+    exempt = ("perf/", "policy/clipfrac", "value/clipfrac")
     differ = {tag: (s1[tag], s4[tag]) for tag in s1
-              if not tag.startswith("perf/") and s1[tag] != pytest.approx(s4[tag], rel=1e-4, abs=1e-6)}
+              if not tag.startswith(exempt) and s1[tag] != pytest.approx(s4[tag], rel=1e-4, abs=1e-6)}
     assert not differ, f"statistics that depend on --model.ppo.micro_batch_size (1 vs 4): {differ}"
 
 
@@ -175,6 +184,19 @@ def test_trains_with_no_callbacks(run_cli, tmp_path, algorithm):
     assert not any(isinstance(cb, FrozenLMTargets | KLController | SampleLogger) for cb in trainer.callbacks)
     assert model.kl_coef == model.kl.coef, "without KLController the coefficient stays fixed"
     assert model.guide_callback is None
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16-true"])
+def test_fp16_precision_is_refused_at_setup(precision):
+    """fp16 needs a gradient scaler that the manual-optimization loop does not run.
+
+    Lightning replaces ``16-mixed`` by ``bf16-mixed`` on CPU before the module sees it, so the check is driven
+    with a mock trainer reporting what a GPU trainer would (test_cli runs ``16-true`` through the CLI).
+    """
+    model = RLSystem(policy=TinyLM(), reward=NumericVerifier())
+    model.trainer = SimpleNamespace(precision=precision, callbacks=[], datamodule=None)
+    with pytest.raises(ValueError, match=f"--trainer.precision {precision}"):
+        model.setup("fit")
 
 
 # --------------------------------------------------------------- callbacks with a mock module

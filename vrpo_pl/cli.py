@@ -14,10 +14,12 @@ import jsonargparse
 from lightning.pytorch.cli import LightningCLI
 
 from vrpo_pl.data import PromptDataModule
+from vrpo_pl.distributed import check_strategy, register_strategies
 from vrpo_pl.system import RLSystem
 
 # Attribute docstrings (the text under each dataclass field) become --help text.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+register_strategies()  # --trainer.strategy fsdp2
 
 TRAINER_DEFAULTS = {
     # One training step is one rollout batch, so max_steps counts rollout batches (see RLSystem).
@@ -27,11 +29,25 @@ TRAINER_DEFAULTS = {
     "check_val_every_n_epoch": None,
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 1,
+    # Checkpoints are written to a temporary file and renamed over the target: a crash or a full disk while
+    # saving leaves the previous checkpoint loadable (vrpo_pl.checkpoint). Passing --trainer.plugins replaces
+    # this list: keep vrpo_pl.checkpoint.AtomicCheckpointIO in it.
+    "plugins": [{"class_path": "vrpo_pl.checkpoint.AtomicCheckpointIO"}],
 }
 
 
 class VRPOCLI(LightningCLI):
-    """LightningCLI with the project's trainer defaults."""
+    """LightningCLI with the project's trainer defaults and checks of the strategy before anything is built."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer") or {}
+        check_strategy(_class_path_or_value(trainer.get("strategy")), _class_path_or_value(trainer.get("accelerator")))
+
+
+def _class_path_or_value(value):
+    """A parsed ``class_path``/``init_args`` setting as its class path; any other value unchanged."""
+    return getattr(value, "class_path", None) or value if not isinstance(value, str | None) else (value or "auto")
 
 
 def cli(args: list[str] | None = None) -> VRPOCLI:

@@ -61,6 +61,7 @@ from vrpo_pl.rewards.base import Completion, RewardFunction
 from vrpo_pl.rollout import (
     GenerationSettings,
     PromptSettings,
+    guide_targets,
     position_ids_from_mask,
     response_logits,
     response_logprobs,
@@ -155,7 +156,8 @@ class RLSystem(pl.LightningModule):
         self.lora_spec, self.critic_lora_spec = lora, critic_lora
         copy = dataclasses.replace  # defaults are shared instances: keep a private copy of each
         self.prompt, self.generation, self.ppo = copy(prompt), copy(generation), copy(ppo)
-        self.optim, self.kl, self.reward_settings, self.critic_settings = copy(optim), copy(kl), copy(rewards), copy(critic)
+        self.optim, self.kl = copy(optim), copy(kl)
+        self.reward_settings, self.critic_settings = copy(rewards), copy(critic)
         self.validate_at_start, self.seed = validate_at_start, seed
         self._resolve_algorithm()
         self._validate_settings()
@@ -242,7 +244,11 @@ class RLSystem(pl.LightningModule):
         return tokenizer
 
     def configure_model(self) -> None:
-        """Builds the policy, the reference (only without LoRA) and the critic once, inside the strategy."""
+        """Builds the policy, the reference (only without LoRA) and the critic once, inside the strategy.
+
+        Under FSDP2 (``--trainer.strategy fsdp2``, a ``ModelParallelStrategy``) it then shards the trainable models;
+        the frozen reference copy stays whole on every process (see :mod:`vrpo_pl.distributed`).
+        """
         if self.policy is not None:
             return
         lm = self.policy_source.causal_lm(self.model_dtype)
@@ -263,6 +269,8 @@ class RLSystem(pl.LightningModule):
             head = ValueHead(hidden_size_of(body), vib=bool(c.vib), latent_dim=c.latent_dim,
                              decoder_hidden=c.decoder_hidden, aux_targets=2 if c.aux == "predict" else 0)
             self.critic = ValueModel(body, head)
+        if self.device_mesh is not None:
+            self._shard_trainable_models()
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
@@ -436,7 +444,9 @@ class RLSystem(pl.LightningModule):
         metadata = batch.get("metadata") or [{} for _ in texts]
         completions = [
             Completion(prompt=p, response=t, answer=a, metadata=m, num_tokens=n, truncated=bool(tr))
-            for p, t, a, m, n, tr in zip(batch["prompt"], texts, answers, metadata, lengths, truncated.tolist())
+            for p, t, a, m, n, tr in zip(
+                batch["prompt"], texts, answers, metadata, lengths, truncated.tolist(), strict=True
+            )
         ]
         return texts, completions
 
@@ -484,7 +494,8 @@ class RLSystem(pl.LightningModule):
             if self.kl.placement == "reward":
                 # KL in the reward for GRPO: subtract each sequence's summed KL penalty before normalizing.
                 penalized = rollout.scores - self.kl_coef * kl.sum(1)
-                rollout.advantages = group_normalize(penalized, rollout.group, self.ppo.grpo_scale_by_std)[:, None] * mask
+                per_seq = group_normalize(penalized, rollout.group, self.ppo.grpo_scale_by_std)
+                rollout.advantages = per_seq[:, None] * mask
             return
         kl_in_reward = kl if self.kl.placement == "reward" else torch.zeros_like(kl)
         rewards = token_rewards(rollout.scores, kl_in_reward, mask, self.kl_coef)
@@ -536,7 +547,7 @@ class RLSystem(pl.LightningModule):
             self.manual_backward(loss)
             n = r.mask[mb].sum()
             for key, value in stats.items():
-                sums[key] += value.detach() * n
+                sums[key] += value.detach() if key.startswith("sum:") else value.detach() * n
             sums[f"_tokens_{name}"] += n
         params = [p for p in model.parameters() if p.requires_grad]
         # Every rank must take the same branch: the gradient all-reduce below is collective.
@@ -544,7 +555,7 @@ class RLSystem(pl.LightningModule):
         if finite:
             self._sync_gradients(params)
             max_norm = self.optim.policy_max_grad_norm if name == "policy" else self.optim.critic_max_grad_norm
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+            grad_norm = self._clip_grad_norm(params, max_norm)
             finite = bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.optimizer.step()
@@ -611,9 +622,13 @@ class RLSystem(pl.LightningModule):
             aux = L.aux_predict_loss(out.aux, r.guide_targets[mb], weight)
             loss = loss + c.aux_coef * L.aggregate(aux, **agg)
             stats["loss/aux"] = L.aggregate(aux.detach(), mask)
-            predictions = out.aux.detach()
-            stats["aux/corr_entropy"] = L.pearson(predictions[..., 0], r.guide_targets[mb][..., 0], mask).nan_to_num(0.0)
-            stats["aux/corr_surprisal"] = L.pearson(predictions[..., 1], r.guide_targets[mb][..., 1], mask).nan_to_num(0.0)
+            # Raw moments ("sum:" keys are added, not token-weighted), so the correlation is computed once over
+            # every token of the update, independent of the micro-batch size.
+            valid = mask.bool()
+            for k, name in enumerate(("entropy", "surprisal")):
+                x, y = out.aux.detach()[..., k][valid], r.guide_targets[mb][..., k][valid]
+                for moment, value in (("x", x), ("y", y), ("xx", x * x), ("yy", y * y), ("xy", x * y)):
+                    stats[f"sum:aux/corr_{name}/{moment}"] = value.sum()
         elif c.aux == "weight":
             stats["loss/aux"] = L.aggregate((per_token / L.key_token_weights(r.key[mb], c.key_alpha)).detach(), mask)
         return loss, stats
@@ -626,10 +641,12 @@ class RLSystem(pl.LightningModule):
 
     def _finalize_stats(self, sums: dict[str, Tensor]) -> dict[str, float]:
         keys = sorted(sums)
-        reduced = dict(zip(keys, self._all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist())) if keys else {}
+        if not keys:
+            return {}
+        reduced = dict(zip(keys, self._all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist(), strict=True))
         out = {}
         for key, value in reduced.items():
-            if key.startswith("_"):
+            if key.startswith(("_", "sum:")):
                 continue
             if key.endswith("grad_norm"):
                 name = "policy" if key.startswith("policy") else "critic"
@@ -637,8 +654,13 @@ class RLSystem(pl.LightningModule):
             elif key == "train/skipped_updates":
                 out[key] = value
             else:
-                name = "critic" if key.startswith(("loss/value", "value/", "loss/vib", "vib/", "loss/aux", "aux/")) else "policy"
+                critic_keys = ("loss/value", "value/", "loss/vib", "vib/", "loss/aux")
+                name = "critic" if key.startswith(critic_keys) else "policy"
                 out[key] = value / max(reduced.get(f"_tokens_{name}", 0.0), 1.0)
+        for name in ("entropy", "surprisal"):
+            if f"sum:aux/corr_{name}/x" in reduced:
+                m = {k: reduced[f"sum:aux/corr_{name}/{k}"] for k in ("x", "y", "xx", "yy", "xy")}
+                out[f"aux/corr_{name}"] = _correlation_from_moments(m, reduced["_tokens_critic"])
         return out
 
     # ---------------------------------------------------------------- metrics
@@ -661,7 +683,8 @@ class RLSystem(pl.LightningModule):
             sums["_key_tokens"] = r.key.sum()
             sums["adv/abs_other"] = (abs_adv * (mask - r.key)).sum()
         keys = sorted(sums)
-        total = dict(zip(keys, self._all_reduce_sum(torch.stack([sums[k].float() for k in keys])).tolist()))
+        reduced = self._all_reduce_sum(torch.stack([sums[k].float() for k in keys])).tolist()
+        total = dict(zip(keys, reduced, strict=True))
         n, tokens, world = total["n"], total["tokens"], self.trainer.world_size
         out = {"reward/train": total["reward/train"] / n, "response/length": total["response/length"] / n,
                "response/truncated_frac": total["response/truncated_frac"] / n,
@@ -847,8 +870,39 @@ class RLSystem(pl.LightningModule):
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def _clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> Tensor:
+        """Clips the global gradient norm and returns it before clipping as a plain tensor (also for FSDP2's
+        DTensor gradients, whose norm ``clip_grad_norm_`` returns as a DTensor)."""
+        from vrpo_pl.distributed import full_norm
+
+        return full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf))
+
+    def _shard_trainable_models(self) -> None:
+        """FSDP2: ``fully_shard`` over the data-parallel mesh for the policy and the critic (not the reference)."""
+        from vrpo_pl.distributed import shard_model
+
+        mesh = self.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "tensor parallelism is not supported (no plan for Hugging Face models): use --trainer.strategy fsdp2, "
+                "which makes every process data-parallel"
+            )
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        shard_model(self.policy, dp_mesh)
+        if self.critic is not None:
+            shard_model(self.critic, dp_mesh)
+
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def _correlation_from_moments(m: dict[str, float], n: float) -> float:
+    """Pearson correlation from the sums of x, y, x^2, y^2 and xy over n points (0 when undefined)."""
+    if n < 2:
+        return 0.0
+    cov = m["xy"] - m["x"] * m["y"] / n
+    var_x, var_y = m["xx"] - m["x"] ** 2 / n, m["yy"] - m["y"] ** 2 / n
+    return cov / math.sqrt(var_x * var_y) if var_x > 0 and var_y > 0 else 0.0
