@@ -66,11 +66,14 @@ class KeyTokenView(pl.Callback):
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = trainer.datamodule
-        if datamodule is None or not trainer.is_global_zero:
+        if datamodule is None:
             return
         batch = next(iter(datamodule.val_dataloader()))
         batch = {k: v[: self.num_prompts] for k, v in batch.items()}
+        # Every rank runs the forward passes (they are collective under FSDP); only rank 0 writes.
         views = pl_module.token_view(batch)
+        if not trainer.is_global_zero:
+            return
         table = "\n\n".join(token_table(v, self.max_tokens) for v in views)
         figure = heatmap_figure(views, self.max_tokens)
         for logger in trainer.loggers:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 from torch.testing import assert_close
-from vrpo_pl.callbacks.kl_control import adaptive_kl_update
 
+from vrpo_pl.callbacks.kl_control import adaptive_kl_update
 from vrpo_pl.losses import (
     aggregate,
     aux_predict_loss,

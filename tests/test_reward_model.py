@@ -10,7 +10,11 @@ import torch
 
 from vrpo_pl.rewards import Completion, NumericVerifier, RewardFunction, RewardModel
 from vrpo_pl.rewards.reward_model import classifier_probability, reward_model_metrics
-from vrpo_pl.rewards.train_reward_model import balanced_pos_weight, train_classifier, train_reward_model
+from vrpo_pl.rewards.train_reward_model import (
+    balanced_pos_weight,
+    train_classifier,
+    train_reward_model,
+)
 
 WORDS = "the answer is it right wrong sum of and so i don ' t know state final to following arithmetic problem"
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS.split(), *"0123456789", *[f"##{d}" for d in range(10)]]
@@ -153,7 +157,8 @@ def test_train_classifier_learns_a_separable_task(tiny_bert):
     labels = torch.tensor([float(i % 3 == 0) for i in range(24)])
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
-    losses = train_classifier(model, tokenizer, texts, labels, epochs=15, lr=1e-2, batch_size=8)
+    torch.manual_seed(0)  # dropout
+    losses = train_classifier(model, tokenizer, texts, labels, epochs=8, lr=1e-2, batch_size=8)
     assert losses[-1] < losses[0]
     with torch.no_grad():
         logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0]
@@ -174,9 +179,8 @@ def fake_sampler(prompts: list[str]) -> list[str]:
 @pytest.mark.slow  # samples nothing real, but builds prompts, trains, saves and reloads a model (~2 s)
 def test_train_reward_model_end_to_end(tiny_bert, tmp_path):
     out = tmp_path / "rm"
-    report = train_reward_model(
-        out, num_labelled=16, num_test=8, sampler=fake_sampler, backbone=tiny_bert, epochs=2, max_length=64
-    )
+    common = {"num_labelled": 16, "num_test": 8, "backbone": tiny_bert, "epochs": 2, "max_length": 64}
+    report = train_reward_model(out, sampler=fake_sampler, **common)
     assert report["num_train"] == 16 and report["num_test"] == 8
     assert report["train_positive_rate"] == 0.5 and report["test_positive_rate"] == 0.5
     assert 0 <= report["accuracy"] <= 1 and len(report["epoch_losses"]) == 2
@@ -186,13 +190,5 @@ def test_train_reward_model_end_to_end(tiny_bert, tmp_path):
     reloaded = RewardModel(str(out), gold=NumericVerifier(), max_length=64)
     completions = [Completion(**json.loads(line)) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert reloaded.score(completions[16:]).metrics["rm_accuracy"] == pytest.approx(report["accuracy"])
-    again = train_reward_model(
-        tmp_path / "again",
-        num_labelled=16,
-        num_test=8,
-        backbone=tiny_bert,
-        epochs=2,
-        max_length=64,
-        completions_file=out / "completions.jsonl",
-    )
+    again = train_reward_model(tmp_path / "again", completions_file=out / "completions.jsonl", **common)
     assert again["accuracy"] == pytest.approx(report["accuracy"])  # same data and seed: same model

@@ -1,7 +1,15 @@
 """The ``vrpo`` command: LightningCLI over :class:`RLSystem` and :class:`PromptDataModule`.
 
     vrpo fit --config configs/vrpo.yaml [--trainer.strategy ddp] [--model.ppo.epochs 4 ...]
+    vrpo fit --config configs/vrpo.yaml --ckpt_path runs/.../checkpoints/last.ckpt   # resume exactly
     vrpo validate --config configs/vrpo.yaml --ckpt_path runs/.../last.ckpt
+    python -m vrpo_pl.export --config configs/vrpo.yaml --ckpt_path runs/.../last.ckpt --out exported/
+
+Strategies, by flag on the same config (see :mod:`vrpo_pl.distributed`): ``--trainer.strategy ddp`` or
+``--trainer.strategy fsdp2`` with ``--trainer.devices N`` (CPU: gloo; GPUs: nccl); FSDP1 (``fsdp``) on GPUs only,
+refused on CPU before anything is built. Several nodes: ``--trainer.num_nodes M`` under Lightning's launchers
+(``torchrun``, SLURM). Checkpoints are written atomically by default (``trainer.plugins``:
+:class:`vrpo_pl.checkpoint.AtomicCheckpointIO`), so a crash or a full disk while saving keeps the previous one.
 
 Every setting's documentation (its attribute docstring) shows in ``vrpo fit --help``; nested settings with
 ``class_path`` (sources, rewards, callbacks) show theirs with ``--help CLASS``-style options of jsonargparse,
@@ -14,12 +22,11 @@ import jsonargparse
 from lightning.pytorch.cli import LightningCLI
 
 from vrpo_pl.data import PromptDataModule
-from vrpo_pl.distributed import check_strategy, register_strategies
+from vrpo_pl.distributed import check_strategy  # importing it registers --trainer.strategy fsdp2
 from vrpo_pl.system import RLSystem
 
 # Attribute docstrings (the text under each dataclass field) become --help text.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-register_strategies()  # --trainer.strategy fsdp2
 
 TRAINER_DEFAULTS = {
     # One training step is one rollout batch, so max_steps counts rollout batches (see RLSystem).
@@ -42,12 +49,14 @@ class VRPOCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer") or {}
-        check_strategy(_class_path_or_value(trainer.get("strategy")), _class_path_or_value(trainer.get("accelerator")))
+        check_strategy(_setting_name(trainer.get("strategy")), _setting_name(trainer.get("accelerator")))
 
 
-def _class_path_or_value(value):
-    """A parsed ``class_path``/``init_args`` setting as its class path; any other value unchanged."""
-    return getattr(value, "class_path", None) or value if not isinstance(value, str | None) else (value or "auto")
+def _setting_name(value) -> str:
+    """A parsed trainer setting (a name, or ``class_path``/``init_args``) as a name; None as ``auto``."""
+    if value is None or isinstance(value, str):
+        return value or "auto"
+    return getattr(value, "class_path", None) or type(value).__name__
 
 
 def cli(args: list[str] | None = None) -> VRPOCLI:

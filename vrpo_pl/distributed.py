@@ -23,7 +23,9 @@ environment Lightning detects); each node runs ``--trainer.devices`` processes. 
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -46,7 +48,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     one file through the trainer's ``CheckpointIO`` (atomic, see :mod:`vrpo_pl.checkpoint`), which resumes on any
     number of processes and which ``python -m vrpo_pl.export`` reads. ``save_distributed_checkpoint=True`` writes
     Lightning's sharded directory instead (each rank its shard, for models too large for one process's memory):
-    that directory is not written atomically, and resuming from it needs the same number of processes.
+    resuming from it needs FSDP2 again (tested on the same number of processes, exact); the directory is not
+    written atomically (a crash while saving can leave it incomplete: keep ``save_top_k`` > 1 so an older one
+    remains), and ``python -m vrpo_pl.export`` does not read it.
     """
 
     def __init__(
@@ -71,6 +75,43 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir() and (path / _SHARDED_METADATA).is_file():
+            return _load_sharded_trainable(path, self.model, self.optimizers, weights_only)
+        return super().load_checkpoint(path, weights_only=weights_only)
+
+
+_SHARDED_METADATA = "meta.pt"  # Lightning's file of everything but weights and optimizers in a sharded checkpoint
+
+
+def _load_sharded_trainable(path: Path, model: nn.Module, optimizers, weights_only: bool | None) -> dict[str, Any]:
+    """Loads a sharded checkpoint directory that holds only the trainable weights (``RLSystem.on_save_checkpoint``).
+
+    Lightning's loader asks the checkpoint for every weight of the module, frozen ones included, and fails; here
+    the weights the checkpoint lacks keep their built values (the fingerprint check in ``on_load_checkpoint``
+    still refuses a checkpoint of another configuration).
+    """
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"state_dict": get_model_state_dict(model)}
+    load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_model_state_dict(model, state["state_dict"], options=StateDictOptions(strict=False))
+    for index, optimizer in enumerate(optimizers):
+        key = f"optimizer_{index}"
+        optimizer_state = {key: get_optimizer_state_dict(model, optimizer)}
+        load(optimizer_state, checkpoint_id=path)
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=optimizer_state[key])
+    return torch.load(path / _SHARDED_METADATA, weights_only=weights_only)
+
 
 def register_strategies() -> None:
     """Adds ``fsdp2`` to Lightning's ``StrategyRegistry`` (idempotent), so ``--trainer.strategy fsdp2`` works."""
@@ -81,27 +122,28 @@ def register_strategies() -> None:
         )
 
 
-def check_strategy(strategy: Any, accelerator: Any, cuda_available: bool | None = None) -> None:
-    """Refuses FSDP1 where it cannot run: on CPU, Lightning and torch both need an accelerator for it.
+_FSDP1_NAMES = ("fsdp", "fsdp_cpu_offload", "FSDPStrategy", "lightning.pytorch.strategies.FSDPStrategy",
+                "lightning.pytorch.strategies.fsdp.FSDPStrategy")
+
+
+def check_strategy(strategy: str, accelerator: str, cuda_available: bool | None = None) -> None:
+    """Refuses FSDP1 where it cannot run: on CPU (Lightning and torch both need an accelerator for it).
 
     Args:
-        strategy: ``--trainer.strategy`` as given (a name, a Strategy, or a class_path dict).
-        accelerator: ``--trainer.accelerator`` as given (``cpu``, ``gpu``, ``cuda``, ``auto``, ...).
-        cuda_available: override of ``torch.cuda.is_available()`` (for tests).
+        strategy: ``--trainer.strategy`` as a name or class path.
+        accelerator: ``--trainer.accelerator`` as a name or class path (``cpu``, ``gpu``, ``cuda``, ``auto``).
+        cuda_available: stands in for ``torch.cuda.is_available()`` (tests).
 
     Raises:
-        ValueError: for FSDP1 on CPU, naming the flag and the FSDP2 alternative.
+        ValueError: FSDP1 on CPU, naming the flag and the FSDP2 alternative.
+
+    >>> check_strategy("ddp", "cpu")
+    >>> check_strategy("fsdp", "gpu", cuda_available=True)
     """
-    if isinstance(strategy, dict):
-        strategy = strategy.get("class_path", "")
-    name = strategy if isinstance(strategy, str) else type(strategy).__name__
-    if name not in ("fsdp", "fsdp_cpu_offload", "FSDPStrategy", "lightning.pytorch.strategies.FSDPStrategy",
-                    "lightning.pytorch.strategies.fsdp.FSDPStrategy"):
+    if strategy not in _FSDP1_NAMES:
         return
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    accelerator_name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
-    on_cpu = accelerator_name.startswith("cpu") or (accelerator_name in ("auto", "") and not cuda)
-    if on_cpu or not cuda:
+    if not cuda or "cpu" in accelerator.lower():
         raise ValueError(
             f"--trainer.strategy {strategy} (FSDP1) needs GPUs and cannot run on CPU "
             f"(--trainer.accelerator {accelerator}). For sharded training on CPU use FSDP2: {FSDP2_FLAG} "
@@ -134,7 +176,7 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
     Returns:
         ``model``, sharded in place.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     layers = decoder_layers(model)
     if not layers:
@@ -145,6 +187,20 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if hasattr(model, "get_base_model") and hasattr(model, "generate"):
+        # peft's generate() calls the inner model's generate(), never the wrapper's forward: without this the
+        # root's parameters (embeddings, head) would stay sharded during sampling.
+        register_fsdp_forward_method(model, "generate")
+    for module in model.modules():
+        if hasattr(module, "generate"):
+            # transformers' own FSDP2 marker: `generate` then runs with synced_gpus, i.e. every rank keeps
+            # calling forward (each one collective) until all ranks' sequences have ended.
+            module._is_fsdp_managed_module = True
+    # The value model returns views (values = head(...).squeeze(-1), the VIB's chunks); FSDP2 warns that an
+    # in-place op on them would skip its pre-backward hook. The losses use them out of place only, and the
+    # root's parameters stay unsharded after forward anyway (tests/test_distributed.py compares the gradients
+    # with a single process).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w+\) returned a view tensor")
     return model
 
 

@@ -170,7 +170,7 @@ class RLSystem(pl.LightningModule):
         self.rollouts = 0
         self._shuffle_gen = torch.Generator().manual_seed(seed)
         self._vib_gen: torch.Generator | None = None
-        self._nonfinite_in_row = 0
+        self._nonfinite_in_row = {"policy": 0, "critic": 0}
         self.guide_callback = None
         self.last_rollout_stats: dict[str, float] | None = None
         self.last_samples: list[dict[str, Any]] = []
@@ -500,7 +500,7 @@ class RLSystem(pl.LightningModule):
         kl_in_reward = kl if self.kl.placement == "reward" else torch.zeros_like(kl)
         rewards = token_rewards(rollout.scores, kl_in_reward, mask, self.kl_coef)
         advantages, returns = gae_advantages(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)
-        rollout.advantages = masked_whiten(advantages, mask) if self.ppo.whiten_advantages else advantages
+        rollout.advantages = self._whiten(advantages, mask) if self.ppo.whiten_advantages else advantages
         rollout.returns = returns
 
     # ----------------------------------------------------------------- update
@@ -542,9 +542,11 @@ class RLSystem(pl.LightningModule):
         for mb in micro_batches:
             loss, stats = loss_fn(r, mb, norm)
             finite = finite and bool(torch.isfinite(loss))
-            if not finite:
-                break
+            # Backward runs even on a non-finite loss: under FSDP every rank must run the same number of (collective)
+            # backward passes. The step is skipped below instead.
             self.manual_backward(loss)
+            if not finite:
+                continue
             n = r.mask[mb].sum()
             for key, value in stats.items():
                 sums[key] += value.detach() if key.startswith("sum:") else value.detach() * n
@@ -561,14 +563,15 @@ class RLSystem(pl.LightningModule):
             optimizer.optimizer.step()
             sums[f"{'policy' if name == 'policy' else 'value'}/grad_norm"] += grad_norm.detach()
             sums[f"_steps_{name}"] += 1
-            self._nonfinite_in_row = 0
+            self._nonfinite_in_row[name] = 0
         else:
-            self._nonfinite_in_row += 1
+            # Counted per model: a finite critic step in between must not hide a policy that keeps failing.
+            self._nonfinite_in_row[name] += 1
             sums["train/skipped_updates"] += 1
             self.print(f"warning: non-finite {name} loss or gradient at rollout {self.rollouts}; step skipped")
-            if self._nonfinite_in_row >= self.ppo.max_nonfinite_updates:
+            if self._nonfinite_in_row[name] >= self.ppo.max_nonfinite_updates:
                 raise RuntimeError(
-                    f"{self._nonfinite_in_row} non-finite updates in a row (last: {name}) at rollout batch "
+                    f"{self._nonfinite_in_row[name]} non-finite {name} updates in a row at rollout batch "
                     f"{self.rollouts}; stopping. Lower the learning rates, check the reward's scale, or raise "
                     "--model.ppo.max_nonfinite_updates. Checkpoints already written are intact."
                 )
@@ -633,6 +636,16 @@ class RLSystem(pl.LightningModule):
             stats["loss/aux"] = L.aggregate((per_token / L.key_token_weights(r.key[mb], c.key_alpha)).detach(), mask)
         return loss, stats
 
+    def _whiten(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Advantage whitening over the global batch: mean and variance over every rank's response tokens."""
+        if self.trainer.world_size == 1:
+            return masked_whiten(x, mask)
+        moments = self._all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]))
+        n = moments[2].clamp(min=2)
+        mean = moments[0] / n
+        var = (moments[1] / n - mean**2).clamp(min=0) * n / (n - 1)
+        return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
     def _beta(self) -> float:
         c = self.critic_settings
         if c.beta_warmup_rollouts <= 0:
@@ -676,7 +689,10 @@ class RLSystem(pl.LightningModule):
             sums["reward/gold"] = gold.sum()
         if r.values is not None:
             sums["value/mean"] = (r.values * mask).sum()
-            sums["value/explained_variance"] = L.explained_variance(r.values, r.returns, mask).nan_to_num(0.0)
+            error = (r.returns - r.values) * mask
+            # Moments for the explained variance over the whole batch on all ranks.
+            sums.update({"_ev_r": (r.returns * mask).sum(), "_ev_rr": (r.returns**2 * mask).sum(),
+                         "_ev_e": error.sum(), "_ev_ee": (error**2).sum()})
         if r.key is not None:
             abs_adv = r.advantages.abs()
             sums["adv/abs_key"] = (abs_adv * r.key).sum()
@@ -685,7 +701,7 @@ class RLSystem(pl.LightningModule):
         keys = sorted(sums)
         reduced = self._all_reduce_sum(torch.stack([sums[k].float() for k in keys])).tolist()
         total = dict(zip(keys, reduced, strict=True))
-        n, tokens, world = total["n"], total["tokens"], self.trainer.world_size
+        n, tokens = total["n"], total["tokens"]
         out = {"reward/train": total["reward/train"] / n, "response/length": total["response/length"] / n,
                "response/truncated_frac": total["response/truncated_frac"] / n,
                "kl/ref": total["kl/ref"] / n, "kl/coef": self.kl_coef, "rollouts": float(self.rollouts)}
@@ -693,7 +709,9 @@ class RLSystem(pl.LightningModule):
             out["reward/gold"] = total["reward/gold"] / n
         if "value/mean" in total:
             out["value/mean"] = total["value/mean"] / tokens
-            out["value/explained_variance"] = total["value/explained_variance"] / world
+            var_r = total["_ev_rr"] / tokens - (total["_ev_r"] / tokens) ** 2
+            var_e = total["_ev_ee"] / tokens - (total["_ev_e"] / tokens) ** 2
+            out["value/explained_variance"] = 1.0 - var_e / var_r if var_r > 1e-12 else 0.0
         if "adv/abs_key" in total:
             out["adv/abs_key"] = total["adv/abs_key"] / max(total["_key_tokens"], 1.0)
             out["adv/abs_other"] = total["adv/abs_other"] / max(tokens - total["_key_tokens"], 1.0)
@@ -793,6 +811,14 @@ class RLSystem(pl.LightningModule):
 
     # --------------------------------------------------------- checkpointing
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keeps only what trains (frozen weights are rebuilt from their sources) and adds the RL state.
+
+        The ``vrpo`` section holds the rollout counter, KL coefficient, running reward statistics, the reward
+        function's state (its noise generator), the update's shuffling and VIB generators, the torch (and CUDA),
+        Python and NumPy RNG states, the non-finite streak and a fingerprint of the configuration. Lightning adds
+        the optimizers, loops, the data module's stream position and the callbacks' states (KL controller, guide
+        running moments).
+        """
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         head_buffers = {n for n, _ in self.named_buffers() if n.startswith("critic.head")}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
@@ -801,35 +827,47 @@ class RLSystem(pl.LightningModule):
             "rollouts": self.rollouts, "kl_coef": self.kl_coef, "reward_moments": self.reward_moments.state_dict(),
             "reward_fn": self.reward.state_dict(), "shuffle_gen": self._shuffle_gen.get_state(),
             "vib_gen": None if self._vib_gen is None else self._vib_gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "nonfinite_in_row": self._nonfinite_in_row,
-            "fingerprint": self._fingerprint(),
+            "nonfinite_in_row": dict(self._nonfinite_in_row), "fingerprint": self._fingerprint(),
+            **_rng_states(self.device),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checks the fingerprint, then restores the RL state saved by :meth:`on_save_checkpoint`."""
+        where = f" {str(self._trainer.ckpt_path)!r}" if self._trainer is not None and self._trainer.ckpt_path else ""
         state = checkpoint.get("vrpo")
         if state is None:
-            raise ValueError("this checkpoint was not written by vrpo_pl's RLSystem (no 'vrpo' section)")
+            raise ValueError(f"the checkpoint{where} was not written by vrpo_pl's RLSystem (no 'vrpo' section)")
         expected, found = self._fingerprint(), state["fingerprint"]
-        if expected != found:
-            diff = sorted(set(expected.items()) ^ set(found.items()))
+        diff = sorted((key, found[key], expected[key]) for key in expected.keys() & found.keys()
+                      if expected[key] != found[key])
+        if diff:
+            changes = ", ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in diff[:6])
             raise ValueError(
-                "the checkpoint comes from an incompatible configuration (algorithm, LoRA, critic head or "
-                f"trainable parameters differ): {diff[:6]}. Resume with the configuration it was written with."
+                f"the checkpoint{where} comes from an incompatible configuration (algorithm, model, LoRA or critic "
+                f"head differ): {changes}. Resume with the configuration it was written with (its config.yaml "
+                "beside the logs), or start a new run without --ckpt_path."
             )
         self.rollouts, self.kl_coef = state["rollouts"], state["kl_coef"]
         self.reward_moments.load_state_dict(state["reward_moments"])
         self.reward.load_state_dict(state["reward_fn"])
         self._shuffle_gen.set_state(state["shuffle_gen"])
+        # The generator must live where _critic_loss will use it; DDP restores before moving the model there.
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         if state["vib_gen"] is not None:
-            self._vib_gen = torch.Generator(device=self.device).manual_seed(0)
+            self._vib_gen = torch.Generator(device=device)
             self._vib_gen.set_state(state["vib_gen"])
-        torch.set_rng_state(state["torch_rng"])
+        _set_rng_states(state, device)
         self._nonfinite_in_row = state["nonfinite_in_row"]
 
     def _fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint's weights must agree with: algorithm, critic head, and the trainable tensors."""
+        import hashlib
+
         shapes = {n: tuple(p.shape) for n, p in self.named_parameters() if p.requires_grad}
+        names = hashlib.sha1("\n".join(sorted(shapes)).encode()).hexdigest()[:12]
         return {"algorithm": self.algorithm, "vib": self.critic_settings.vib, "aux": self.critic_settings.aux,
-                "trainable": len(shapes), "trainable_numel": sum(math.prod(s) for s in shapes.values())}
+                "trainable": len(shapes), "trainable_numel": sum(math.prod(s) for s in shapes.values()),
+                "trainable_names": names}
 
     # ------------------------------------------------------------ distributed
     def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
@@ -856,18 +894,24 @@ class RLSystem(pl.LightningModule):
             yield
 
     def _sync_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Averages gradients over data-parallel ranks (DDP only; FSDP reduces its own gradients)."""
-        if not isinstance(self.trainer.model, torch.nn.parallel.DistributedDataParallel):
+        """Averages gradients over data-parallel ranks (DDP only; FSDP2 reduce-scatters its own in backward).
+
+        One all-reduce of every gradient, flattened, plus one presence flag per parameter: a parameter that got
+        no gradient on some rank counts as zero there and still gets the average everywhere, so the replicas
+        take the same optimizer step (the buffers line up because every rank lists the same parameters).
+        """
+        if not isinstance(self.trainer.model, torch.nn.parallel.DistributedDataParallel) or not params:
             return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.flatten() for g in grads])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        present = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+        flat = torch.cat([*(g.flatten().to(present.dtype) for g in grads), present])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.trainer.world_size
+        flat[: -len(params)] /= self.trainer.world_size
         offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        for p, g, anywhere in zip(params, grads, flat[-len(params):].tolist(), strict=True):
+            if anywhere > 0:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                p.grad = g
             offset += g.numel()
 
     def _clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> Tensor:
@@ -891,6 +935,36 @@ class RLSystem(pl.LightningModule):
         shard_model(self.policy, dp_mesh)
         if self.critic is not None:
             shard_model(self.critic, dp_mesh)
+
+
+def _rng_states(device: torch.device) -> dict[str, Any]:
+    """The global random states a rollout can draw from: torch (sampling), CUDA, Python, NumPy."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # As a tensor and plain numbers: Lightning loads checkpoints with weights_only=True, which rejects ndarrays.
+    numpy_rng = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    states = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "numpy_rng": numpy_rng}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(state: dict[str, Any], device: torch.device) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("python_rng") is not None:
+        random.setstate(state["python_rng"])
+    if state.get("numpy_rng") is not None:
+        kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if state.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -70,7 +70,7 @@ class RewardFunction(ABC):
         """State to save in checkpoints (random generators); empty for deterministic rewards."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (deterministic rewards have no state)
         """Restores :meth:`state_dict`'s output."""
 
     def to(self, device: torch.device) -> RewardFunction:

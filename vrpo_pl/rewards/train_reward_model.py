@@ -5,11 +5,16 @@ This builds the "model-based noise" of method.md. Steps:
 1. sample one response per reasoning-gym prompt from SmolLM2-135M-Instruct (chat template, temperature 1.0);
 2. label every response with :class:`~vrpo_pl.rewards.verifiers.NumericVerifier` (the gold);
 3. fine-tune all-MiniLM-L6-v2 with a one-logit head (BCE with logits) on ``num_labelled`` of them, the positive
-   class re-weighted to balance the classes (our choice: SmolLM2 is right on only ~40% of easy chain_sum prompts,
-   and an unweighted classifier drifts toward "always wrong");
+   class re-weighted to balance the classes (our choice: sampled at temperature 1.0, SmolLM2 is right on only
+   ~16-21% of 2-term 1-digit chain_sum prompts, and an unweighted classifier drifts toward "always wrong");
 4. measure its accuracy against the verifier on ``num_test`` held-out prompts, loading the saved directory through
    :class:`~vrpo_pl.rewards.reward_model.RewardModel` exactly as training will;
 5. save model, tokenizer, ``completions.jsonl`` and ``report.json`` to ``--out``.
+
+Measured (seed 0, 256 train / 128 test, 4 epochs): accuracy 0.727 against the verifier (majority baseline 0.789),
+false-positive rate 0.24, false-negative rate 0.41, Youden's J 0.36 (balanced accuracy 0.68): a noisy but
+informative reward. Adding "The final answer is X." pairs (reference and a near miss) to the training set raised raw
+accuracy to 0.77 but lowered J to 0.17, so it is not offered. Sampling dominates the time (384 x 48 tokens).
 
 Run::
 
@@ -41,8 +46,8 @@ from vrpo_pl.rewards.verifiers import NumericVerifier
 Sampler = Callable[[list[str]], list[str]]
 """Maps B prompts (plain questions, before any chat template) to B sampled responses."""
 
-# SmolLM2-135M is right ~45% of the time on 2-term 1-digit chain_sum and ~0% at reasoning-gym's defaults (2-6
-# terms of 1-4 digits), which would leave almost no positive labels (environment.md).
+# SmolLM2-135M is right ~45% of the time (greedy; ~20% sampled at temperature 1) on 2-term 1-digit chain_sum and
+# ~0% at reasoning-gym's defaults (2-6 terms of 1-4 digits), which would leave almost no positive labels.
 DEFAULT_TASK_KWARGS: dict[str, dict[str, Any]] = {
     "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
 }
@@ -303,6 +308,7 @@ def train_reward_model(
     }
     # Youden's J = TPR - FPR: learning from this reward is possible only while J > 0 (arXiv 2601.04411).
     report["youden_j"] = 1 - report["false_positive_rate"] - report["false_negative_rate"]
+    report["balanced_accuracy"] = 0.5 + 0.5 * report["youden_j"]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -320,7 +326,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"task {report['task']} {report['task_kwargs']}\n"
         f"train {report['num_train']} (positive rate {report['train_positive_rate']:.3f}), "
         f"test {report['num_test']} (positive rate {report['test_positive_rate']:.3f})\n"
-        f"accuracy vs. verifier {report['accuracy']:.3f} (majority baseline {report['majority_baseline']:.3f}), "
+        f"accuracy vs. verifier {report['accuracy']:.3f} (majority baseline {report['majority_baseline']:.3f}, "
+        f"balanced accuracy {report['balanced_accuracy']:.3f}), "
         f"FPR {report['false_positive_rate']:.3f}, FNR {report['false_negative_rate']:.3f}, "
         f"Youden J {report['youden_j']:.3f}\n"
         f"time: sampling {report['seconds_sampling']:.0f} s, training {report['seconds_training']:.0f} s, "
@@ -352,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    logging.set_verbosity_error()  # the "classifier newly initialized" load report is expected here
     report = train_reward_model(
         out=args.out,
         task=args.task,

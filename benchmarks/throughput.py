@@ -1,0 +1,460 @@
+"""Throughput benchmark: seconds per rollout batch of PPO, GRPO and VRPO, split into phases, against a lower bound.
+
+Workload (``--size base``): SmolLM2-135M-Instruct with LoRA r=16 on q/k/v/o (policy, and critic for PPO/VRPO),
+B = 32 responses per rollout batch (8 prompts x 4 samples for every algorithm, because GRPO needs a group),
+32 new tokens, 2 PPO epochs over mini-batches of 8, reward = NumericVerifier. ``--size large`` is 128 responses
+(32 x 4) of 128 tokens in mini-batches of 16 (for a GPU); ``--model-path`` swaps in another local model; ``--tiny``
+uses TinyLM.
+
+For each algorithm, in one process, the real system is built by ``VRPOCLI(..., run=False)`` and trained by
+``trainer.fit`` for 1 warm-up + ``--iters`` rollout batches. Phases are timed by wrapping ``sample_responses`` (in
+the ``vrpo_pl.system`` namespace) and the system's ``_rollout``, ``_score`` and ``_optimizer_step`` (keyed by its
+``name``): generation; frozen passes = rollout minus generation (old log-probs, reference, guide targets, critic
+values); scoring; policy update; critic update; other = the rest of the iteration (advantages, metrics, Lightning's
+loop, data). An iteration is the time between consecutive ``on_train_batch_end`` calls.
+
+The lower bound replays each measured rollout batch without the framework: the same ``generate`` call on the same
+prompts for exactly the same number of new tokens (``min_new_tokens`` = the rollout's length), then the same forward
+passes (policy, reference, critic, in the same chunks), the same decode + reward call, and the same forward/backward
+passes and optimizer steps of the update (same mini/micro-batch shapes, a plain clipped loss, no statistics),
+back to back. Reported: medians over the measured iterations, ratio = full iteration / lower bound (goal <= 1.15).
+
+    python benchmarks/throughput.py                                   # CPU, SmolLM2, base size
+    python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --size large --out runs/bench/tp.md
+    python benchmarks/throughput.py --tiny --iters 2 --no-isolate     # seconds
+
+Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over the training run; on the CPU the process's peak
+RSS, so by default each algorithm (and the policy-alone reference) runs in its own fresh process
+(``--no-isolate``: one process, peak RSS sampled every 5 ms while it trains, which includes earlier runs' freed
+but retained memory). "policy alone" = the LoRA policy's weights, one ``generate`` of the rollout's shape and one
+mini-batch forward/backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ALGORITHMS = ["ppo", "grpo", "vrpo"]
+SIZES = {  # prompts, samples per prompt, new tokens, mini-batch
+    "base": (8, 4, 32, 8),
+    "large": (32, 4, 128, 16),
+    "tiny": (4, 2, 8, 4),
+}
+LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+PHASES = ["generation", "frozen", "score", "update_policy", "update_critic"]
+
+
+def cli_args(algorithm: str, args: argparse.Namespace) -> list[str]:
+    """LightningCLI arguments of one algorithm's measured run (no validation, logger or checkpoints)."""
+    config = REPO_ROOT / "configs" / ("tiny.yaml" if args.tiny else "quickstart.yaml")
+    lora = json.dumps(LORA)
+    out = ["--config", str(config), "--model.algorithm", algorithm, "--model.critic.vib", "null",
+           "--model.critic.aux", "null", "--model.reward", '{"class_path": "vrpo_pl.rewards.NumericVerifier"}',
+           "--model.lora", lora, "--model.critic_lora", "null" if algorithm == "grpo" else lora,
+           "--model.generation.max_new_tokens", str(args.new_tokens), "--model.generation.temperature", "1.0",
+           "--model.ppo.epochs", str(args.epochs), "--model.ppo.mini_batch_size", str(args.mini_batch),
+           "--model.ppo.micro_batch_size", "null", "--model.validate_at_start", "false",
+           "--data.prompts_per_rollout", str(args.prompts), "--data.samples_per_prompt", str(args.samples),
+           "--trainer.max_steps", str(1 + args.iters), "--trainer.limit_val_batches", "0",
+           "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+           "--trainer.default_root_dir", tempfile.gettempdir(),
+           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+           "--trainer.callbacks", '[{"class_path": "vrpo_pl.callbacks.FrozenLMTargets"}]',
+           "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision, "--trainer.devices", "1"]
+    if args.tiny:
+        out += ["--data.source.init_args.path", str(REPO_ROOT / "configs" / "data" / "arithmetic.jsonl")]
+    if args.model_path:
+        out += ["--model.policy", "vrpo_pl.models.PretrainedLM", "--model.policy.init_args.path", args.model_path]
+    return out
+
+
+def build_cli(algorithm: str, args: argparse.Namespace):
+    from vrpo_pl.cli import TRAINER_DEFAULTS, VRPOCLI
+    from vrpo_pl.data import PromptDataModule
+    from vrpo_pl.system import RLSystem
+
+    with mock.patch.object(sys, "argv", ["vrpo"]):  # LightningCLI warns about sys.argv beside ``args``
+        return VRPOCLI(RLSystem, PromptDataModule, run=False, args=cli_args(algorithm, args),
+                       trainer_defaults=TRAINER_DEFAULTS, save_config_callback=None)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class PeakRSS:
+    """Samples this process's resident set size every 5 ms in a thread; ``peak`` in bytes."""
+
+    def __enter__(self):
+        import os
+
+        self.peak, self._stop, self._page = 0, threading.Event(), os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * self._page)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class PhaseTimer:
+    """Times the system's phases per rollout batch and keeps what the lower bound replays."""
+
+    def __init__(self) -> None:
+        import lightning.pytorch as pl
+
+        timer = self
+
+        class _Callback(pl.Callback):
+            def on_train_batch_start(self, *args, **kwargs):
+                timer.current, timer.capture = defaultdict(float), {}
+
+            def on_train_batch_end(self, *args, **kwargs):
+                _sync()
+                now = time.perf_counter()
+                if timer.last_end is not None:
+                    timer.iterations.append({**timer.current, "iteration": now - timer.last_end})
+                timer.captures.append(timer.capture)
+                timer.last_end = now
+
+        self.callback = _Callback()
+        self.current: dict[str, float] = defaultdict(float)
+        self.capture: dict = {}
+        self.captures: list[dict] = []
+        self.iterations: list[dict[str, float]] = []
+        self.last_end: float | None = None
+
+    @contextmanager
+    def phase(self, name: str):
+        _sync()
+        start = time.perf_counter()
+        yield
+        _sync()
+        self.current[name] += time.perf_counter() - start
+
+    @contextmanager
+    def instrument(self, system):
+        """Wraps ``sample_responses`` and the system's phase methods (restored on exit)."""
+        import vrpo_pl.system as system_module
+
+        sample, rollout, score, step = (system_module.sample_responses, system._rollout, system._score,
+                                        system._optimizer_step)
+
+        def timed_sample(policy, input_ids, attention_mask, settings, eos, pad, greedy=False):
+            self.capture.update(input_ids=input_ids, attention_mask=attention_mask, settings=settings, eos=eos,
+                                pad=pad)
+            with self.phase("generation"):
+                return sample(policy, input_ids, attention_mask, settings, eos, pad, greedy)
+
+        def timed_rollout(batch):
+            with self.phase("rollout"):
+                result = rollout(batch)
+            self.capture.update(rollout=result, batch=batch)
+            return result
+
+        def timed_score(batch, r):
+            with self.phase("score"):
+                return score(batch, r)
+
+        def timed_step(name, *a, **k):
+            with self.phase(f"update_{name}"):
+                return step(name, *a, **k)
+
+        system_module.sample_responses = timed_sample
+        system._rollout, system._score, system._optimizer_step = timed_rollout, timed_score, timed_step
+        try:
+            yield
+        finally:
+            system_module.sample_responses = sample
+            for name in ("_rollout", "_score", "_optimizer_step"):
+                delattr(system, name)
+
+
+def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
+    """The measured rollout batch ``cap`` replayed as bare model calls, back to back; seconds per phase."""
+    import torch
+
+    from vrpo_pl.rewards.base import Completion
+
+    policy, critic, r, g = system.policy, system.critic, cap["rollout"], cap["settings"]
+    size, num = r.responses.shape
+    p, times = system.ppo, {}
+
+    def passes(model, sl, **kw):
+        return model(input_ids=r.sequences[sl], attention_mask=r.attention_mask[sl], position_ids=r.position_ids[sl],
+                     use_cache=False, **kw)
+
+    def logp(model, sl):
+        logits = passes(model, sl, logits_to_keep=num + 1).logits[:, :-1]
+        return torch.log_softmax(logits.float() / g.temperature, -1).gather(-1, r.responses[sl, :, None])[..., 0]
+
+    def critic_values(sl, sample=False):
+        return critic(r.sequences[sl], r.attention_mask[sl], r.position_ids[sl], num, sample=sample).values
+
+    @contextmanager
+    def timed(name):
+        _sync()
+        start = time.perf_counter()
+        with trainer.precision_plugin.train_step_context():
+            yield
+        _sync()
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
+
+    with torch.no_grad():
+        with timed("generation"):
+            out = policy.generate(input_ids=cap["input_ids"], attention_mask=cap["attention_mask"], max_new_tokens=num,
+                                  min_new_tokens=num, eos_token_id=cap["eos"], pad_token_id=cap["pad"], do_sample=True,
+                                  temperature=g.temperature, top_p=g.top_p, top_k=0, use_cache=True)
+        assert out.shape[1] - cap["input_ids"].shape[1] == num, "the lower bound generated a different length"
+        chunk = p.micro_batch_size or p.mini_batch_size
+        with timed("frozen"):
+            for s in range(0, size, chunk):
+                sl = slice(s, s + chunk)
+                logp(policy, sl)
+                if system.reference is not None:
+                    logp(system.reference, sl)
+                else:
+                    with policy.disable_adapter():
+                        logp(policy, sl)
+                if critic is not None:
+                    critic_values(sl)
+        with timed("score"):
+            lengths = r.mask.sum(1).long().tolist()
+            texts = system.tokenizer.batch_decode([r.responses[i, :n].tolist() for i, n in enumerate(lengths)],
+                                                  skip_special_tokens=True)
+            batch = cap["batch"]
+            answers, metadata = batch.get("answer") or [None] * size, batch.get("metadata") or [{}] * size
+            system.reward.score([Completion(prompt=q, response=t, answer=a, metadata=m, num_tokens=n)
+                                 for q, t, a, m, n in zip(batch["prompt"], texts, answers, metadata, lengths,
+                                                          strict=True)])
+    optimizers = trainer.optimizers
+    micro = p.micro_batch_size or p.mini_batch_size
+    for _ in range(p.epochs):
+        for start in range(0, size, p.mini_batch_size):
+            micro_batches = [slice(s, s + micro) for s in range(start, start + p.mini_batch_size, micro)]
+            tokens = r.mask[start : start + p.mini_batch_size].sum()
+            with timed("update_policy"):
+                for sl in micro_batches:
+                    ratio = torch.exp(logp(policy, sl) - r.logp[sl])
+                    adv = r.advantages[sl]
+                    surrogate = torch.min(ratio * adv, ratio.clamp(1 - p.clip_eps, 1 + p.clip_eps) * adv)
+                    (-(surrogate * r.mask[sl]).sum() / tokens).backward()
+                params = [q for q in policy.parameters() if q.requires_grad]
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizers[0].step()
+                optimizers[0].zero_grad(set_to_none=True)
+            if critic is None:
+                continue
+            with timed("update_critic"):
+                for sl in micro_batches:
+                    v = critic_values(sl, sample=bool(system.critic_settings.vib))
+                    (((v - r.returns[sl]) ** 2 * r.mask[sl]).sum() / tokens).backward()
+                params = [q for q in critic.parameters() if q.requires_grad]
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizers[1].step()
+                optimizers[1].zero_grad(set_to_none=True)
+    return times
+
+
+def measure(algorithm: str, args: argparse.Namespace) -> dict:
+    """Trains one algorithm for 1 + ``iters`` rollout batches, then replays them as the lower bound."""
+    import torch
+
+    cli = build_cli(algorithm, args)
+    system, trainer = cli.model, cli.trainer
+    timer = PhaseTimer()
+    trainer.callbacks.append(timer.callback)
+    cuda = args.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss, timer.instrument(system):
+        trainer.fit(system, datamodule=cli.datamodule)
+    peak = torch.cuda.max_memory_allocated() if cuda else (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if args.isolated_child else rss.peak)
+    bounds = [lower_bound(system, trainer, cap) for cap in timer.captures]  # [0] is the warm-up
+    tokens = [float(cap["rollout"].mask.sum()) for cap in timer.captures[1:]]
+    record = {"algorithm": algorithm, "peak_bytes": peak, "samples": timer.captures[0]["rollout"].size,
+              "tokens": statistics.median(tokens), "framework": [], "bound": bounds[1:]}
+    for it in timer.iterations:
+        record["framework"].append({
+            "iteration": it["iteration"], "generation": it["generation"],
+            "frozen": it["rollout"] - it["generation"], "score": it["score"],
+            "update_policy": it.get("update_policy", 0.0), "update_critic": it.get("update_critic", 0.0),
+            "other": it["iteration"] - it["rollout"] - it["score"] - it.get("update_policy", 0.0)
+            - it.get("update_critic", 0.0)})
+    del cli, system, trainer, timer
+    gc.collect()
+    return record
+
+
+def measure_policy_alone(args: argparse.Namespace) -> dict:
+    """Peak memory of the LoRA policy alone: weights, one ``generate`` of the rollout's shape, one mini-batch
+    forward/backward."""
+    import torch
+
+    from vrpo_pl.models import LoRASpec, apply_lora
+    from vrpo_pl.rollout import tokenize_prompts
+
+    cli = build_cli("grpo", args)
+    system, datamodule = cli.model, cli.datamodule
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    cuda = args.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        policy = apply_lora(system.policy_source.causal_lm(system.model_dtype), LoRASpec(**LORA), causal_lm=True)
+        policy.to(device)
+        input_ids, mask = tokenize_prompts(system.tokenizer, list(batch["prompt"]), system.prompt)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
+        with torch.no_grad(), autocast:
+            tok = system.tokenizer
+            out = policy.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=True, top_k=0,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        with autocast:
+            logits = policy(input_ids=out[: args.mini_batch], logits_to_keep=args.new_tokens + 1).logits
+            loss = torch.log_softmax(logits.float(), -1).mean()
+        loss.backward()
+    peak = torch.cuda.max_memory_allocated() if cuda else (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if args.isolated_child else rss.peak)
+    return {"algorithm": "policy alone", "peak_bytes": peak}
+
+
+def run_isolated(name: str, argv: list[str]) -> dict:
+    """Measures ``name`` (an algorithm or ``policy``) in a fresh Python process; returns its record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "record.json"
+        cmd = [sys.executable, __file__, *argv, "--only", name, "--child-out", str(out)]
+        subprocess.run(cmd, check=True)
+        return json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------------------------------------- report
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(row.get(key, 0.0) for row in rows) if rows else float("nan")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def report(records: list[dict], args: argparse.Namespace, header: str) -> str:
+    lines = [header, "",
+             "| algorithm | s / rollout batch | generation | frozen passes | scoring | policy update | critic update "
+             "| other | lower bound | ratio | samples/s | tokens/s | gen tokens/s | peak memory |",
+             "|---|" + "---:|" * 13]
+    bound_lines = ["", "Lower bound (bare model calls, same shapes), seconds:", "",
+                   "| algorithm | generation | frozen passes | scoring | policy update | critic update | total |",
+                   "|---|" + "---:|" * 6]
+    for rec in records:
+        if "framework" not in rec:
+            lines.append(f"| {rec['algorithm']} (reference) |" + " |" * 12 + f" {_mb(rec['peak_bytes'])} |")
+            continue
+        fw, lb = rec["framework"], rec["bound"]
+        for row in lb:
+            row["total"] = sum(row.get(k, 0.0) for k in PHASES)
+        it, bound = _median(fw, "iteration"), _median(lb, "total")
+        gen = _median(fw, "generation")
+        cells = [f"{it:.3f}", *(f"{_median(fw, k):.3f}" for k in [*PHASES, "other"]), f"{bound:.3f}",
+                 f"**{it / bound:.2f}**", f"{rec['samples'] / it:.1f}", f"{rec['tokens'] / it:.0f}",
+                 f"{rec['tokens'] / gen:.0f}", _mb(rec["peak_bytes"])]
+        lines.append(f"| {rec['algorithm']} | " + " | ".join(cells) + " |")
+        bound_lines.append(f"| {rec['algorithm']} | " + " | ".join(f"{_median(lb, k):.3f}" for k in [*PHASES, "total"])
+                           + " |")
+    notes = ["", "Medians over the measured rollout batches (warm-up excluded). ratio = s / rollout batch divided by "
+             "the lower bound (goal <= 1.15). tokens/s: response tokens per second of the whole iteration; gen "
+             "tokens/s: per second of generation. Peak memory: " + (
+                 "torch.cuda.max_memory_allocated." if args.accelerator in ("gpu", "cuda") else
+                 "peak RSS of a fresh process per row." if args.isolate else
+                 "peak RSS sampled during the run (one shared process)."), ""]
+    return "\n".join(lines + bound_lines + notes)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="TinyLM instead of SmolLM2-135M-Instruct")
+    p.add_argument("--size", choices=["base", "large"], default="base", help="workload size (see the docstring)")
+    p.add_argument("--model-path", help="a local Hugging Face model directory instead of SmolLM2 (a second size)")
+    p.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=ALGORITHMS)
+    p.add_argument("--iters", type=int, default=3, help="measured rollout batches (after one warm-up)")
+    p.add_argument("--prompts", type=int, help="prompts per rollout batch (default: the size's)")
+    p.add_argument("--samples", type=int, help="samples per prompt (default: the size's)")
+    p.add_argument("--new-tokens", type=int, help="max new tokens (default: the size's)")
+    p.add_argument("--mini-batch", type=int, help="PPO mini-batch size (default: the size's)")
+    p.add_argument("--epochs", type=int, default=2, help="PPO epochs")
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure each row in a fresh process (exact peak RSS on the CPU)")
+    p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
+    p.add_argument("--only", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    defaults = SIZES["tiny" if args.tiny else args.size]
+    for name, value in zip(("prompts", "samples", "new_tokens", "mini_batch"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.isolated_child = args.child_out is not None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.isolated_child:
+        record = measure_policy_alone(args) if args.only == "policy" else measure(args.only, args)
+        args.child_out.write_text(json.dumps(record))
+        return 0
+    names = [*args.algorithms, "policy"]
+    if args.isolate:
+        records = [run_isolated(name, argv) for name in names]
+    else:
+        records = [measure_policy_alone(args) if n == "policy" else measure(n, args) for n in names]
+    model = "TinyLM" if args.tiny else args.model_path or "SmolLM2-135M-Instruct"
+    device = torch.cuda.get_device_name() if args.accelerator in ("gpu", "cuda") else (
+        f"CPU, {args.threads or torch.get_num_threads()} torch threads")
+    header = (f"# Throughput: {model} + LoRA r={LORA['r']} (q/k/v/o), B = {args.prompts} x {args.samples} = "
+              f"{args.prompts * args.samples} responses, {args.new_tokens} new tokens, {args.epochs} PPO epochs, "
+              f"mini-batch {args.mini_batch}\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
+              f"batches after 1 warm-up. Command: `python benchmarks/throughput.py {' '.join(argv)}`")
+    text = report(records, args, header)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The benchmark scripts run end to end at TinyLM scale and write their tables and plot with the expected rows.
+
+They are not timed: the numbers are not checked, only that every piece of the report is there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def benchmarks(repo_root):
+    """The two scripts under benchmarks/ loaded as modules (they are scripts, not a package)."""
+    modules = {}
+    for name in ("robustness", "throughput"):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", repo_root / "benchmarks" / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = modules[name]  # dataclasses look their module up there
+        spec.loader.exec_module(modules[name])
+    return modules
+
+
+def value(command: list[str], flag: str) -> str:
+    """The value after ``flag`` in a command line."""
+    return command[command.index(flag) + 1]
+
+
+def test_robustness_dry_run_plans_every_run(benchmarks, tmp_path, capsys):
+    """The small CPU setting: quickstart.yaml, one command per algorithm x noise x seed, its own log directory."""
+    argv = ["--small", "--out", str(tmp_path), "--algorithms", "ppo", "vrpo_aux_only", "--noises", "asym", "length",
+            "--seeds", "0", "1", "--dry-run", "--", "--model.kl.coef", "0.05"]
+    assert benchmarks["robustness"].main(argv) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if " fit " in line]
+    assert len(commands) == 8
+    first = commands[0]
+    assert value(first, "--config").endswith("configs/quickstart.yaml")
+    assert first[-2:] == ["--model.kl.coef", "0.05"]
+    versions = {(value(c, "--trainer.logger.init_args.name"), value(c, "--trainer.logger.init_args.version"))
+                for c in commands}
+    assert ("vrpo_aux_only/length", "seed1") in versions and len(versions) == 8
+    aux_only = next(c for c in commands if "vrpo_aux_only/asym" in c)
+    assert value(aux_only, "--model.critic.vib") == "false"
+    assert "AsymmetricFlip" in value(aux_only, "--model.reward")
+    assert not any(tmp_path.iterdir()), "a dry run must not create anything"
+
+
+@pytest.mark.slow
+def test_robustness_tiny_writes_table_and_plot(benchmarks, tmp_path, capsys):
+    argv = ["--tiny", "--out", str(tmp_path), "--algorithms", "ppo", "--noises", "flip0.2", "--max-steps", "1"]
+    assert benchmarks["robustness"].main(argv) == 0
+    results = (tmp_path / "results.md").read_text()
+    assert "| algorithm | flip0.2 |" in results
+    assert "| ppo | flip0.2 | 1 |" in results
+    png = tmp_path / "robustness.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert list((tmp_path / "runs" / "ppo" / "flip0.2" / "seed0").glob("events.out.tfevents.*"))
+    capsys.readouterr()
+    # Resume-safe: the complete run is skipped, the report is rebuilt.
+    assert benchmarks["robustness"].main(argv) == 0
+    assert "skipped (complete)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_throughput_tiny_reports_every_algorithm(benchmarks, tmp_path, single_thread):
+    out = tmp_path / "throughput.md"
+    argv = ["--tiny", "--iters", "1", "--prompts", "2", "--samples", "2", "--new-tokens", "4", "--mini-batch", "2",
+            "--epochs", "1", "--no-isolate", "--out", str(out)]
+    assert benchmarks["throughput"].main(argv) == 0
+    text = out.read_text()
+    for row in ("| ppo |", "| grpo |", "| vrpo |", "| policy alone (reference) |"):
+        assert row in text
+    assert "lower bound" in text and "ratio" in text
