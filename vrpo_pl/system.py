@@ -326,8 +326,9 @@ class RLSystem(pl.LightningModule):
         # 2. Score: training reward (maybe noisy) and gold reward.
         texts, scores = self._score(batch, rollout)
         score_s = time.perf_counter() - start - rollout_s
-        if scores is None:
+        if scores is None:  # a non-finite reward: nothing trains on this batch
             self._count_rollout()
+            self._log_metrics({"reward/skipped_batches": 1.0})
             return
         train_scores, gold = scores
         rollout.scores = self._transform_scores(train_scores)
@@ -452,13 +453,8 @@ class RLSystem(pl.LightningModule):
 
     def _score(self, batch: dict[str, Any], rollout: Rollout) -> tuple[list[str], tuple[Tensor, Tensor | None] | None]:
         texts, completions = self._completions(batch, rollout.responses, rollout.mask, rollout.truncated)
-        try:
+        with self._reward_errors(f"rollout batch {self.rollouts}", completions):
             result = self.reward.score(completions)
-        except Exception as error:
-            raise RuntimeError(
-                f"the reward {type(self.reward).__name__} raised on rollout batch {self.rollouts} "
-                f"(first prompt: {completions[0].prompt[:80]!r}): {error}"
-            ) from error
         train = result.train.to(self.device, torch.float32)
         gold = None if result.gold is None else result.gold.to(self.device, torch.float32)
         self._reward_metrics = {f"reward/{k}": float(v) for k, v in result.metrics.items()}
@@ -473,9 +469,19 @@ class RLSystem(pl.LightningModule):
             if self.reward_settings.on_nonfinite == "error":
                 raise RuntimeError(message + "; stopping (--model.rewards.on_nonfinite error)")
             self.print(f"warning: {message}; skipping this rollout batch (--model.rewards.on_nonfinite skip)")
-            self.log("reward/skipped_batches", 1.0, on_step=True, on_epoch=False, batch_size=rollout.size)
             return texts, None
         return texts, (train, gold)
+
+    @contextmanager
+    def _reward_errors(self, where: str, completions: list[Completion]):
+        """Re-raises a reward function's exception with the reward's name, where it happened and the first prompt."""
+        try:
+            yield
+        except Exception as error:
+            raise RuntimeError(
+                f"the reward {type(self.reward).__name__} raised on {where} "
+                f"(first prompt: {completions[0].prompt[:80]!r}): {type(error).__name__}: {error}"
+            ) from error
 
     def _transform_scores(self, scores: Tensor) -> Tensor:
         r = self.reward_settings
@@ -571,7 +577,7 @@ class RLSystem(pl.LightningModule):
             self.print(f"warning: non-finite {name} loss or gradient at rollout {self.rollouts}; step skipped")
             if self._nonfinite_in_row[name] >= self.ppo.max_nonfinite_updates:
                 raise RuntimeError(
-                    f"{self._nonfinite_in_row[name]} non-finite {name} updates in a row at rollout batch "
+                    f"{self._nonfinite_in_row[name]} non-finite updates in a row ({name}) at rollout batch "
                     f"{self.rollouts}; stopping. Lower the learning rates, check the reward's scale, or raise "
                     "--model.ppo.max_nonfinite_updates. Checkpoints already written are intact."
                 )
@@ -737,7 +743,8 @@ class RLSystem(pl.LightningModule):
         responses = sample_responses(self.policy, input_ids, prompt_mask, self.generation, eos, pad, greedy=True)
         mask, truncated = response_mask(responses, eos)
         _, completions = self._completions(batch, responses, mask, truncated)
-        gold = self.reward.gold_score(completions)
+        with self._reward_errors(f"a validation batch after rollout batch {self.rollouts}", completions):
+            gold = self.reward.gold_score(completions)
         return (None if gold is None else gold.to(self.device, torch.float32)), mask.sum(1)
 
     @torch.no_grad()
@@ -758,7 +765,8 @@ class RLSystem(pl.LightningModule):
         parts = self._score_tokens(sequences, attention_mask, position_ids_from_mask(attention_mask), responses,
                                    with_guide=True)
         _, completions = self._completions(batch, responses, mask, truncated)
-        gold = self.reward.gold_score(completions)
+        with self._reward_errors("the key-token view's validation prompts", completions):
+            gold = self.reward.gold_score(completions)
         gold = torch.zeros(len(completions)) if gold is None else gold
         gold = gold.to(self.device, torch.float32)
         advantages = None
