@@ -380,14 +380,7 @@ class RLSystem(pl.LightningModule):
 
     @torch.no_grad()
     def _rollout(self, batch: dict[str, Any]) -> Rollout:
-        input_ids, prompt_mask = tokenize_prompts(self.tokenizer, list(batch["prompt"]), self.prompt)
-        input_ids, prompt_mask = input_ids.to(self.device), prompt_mask.to(self.device)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        responses = sample_responses(self.policy, input_ids, prompt_mask, self.generation, eos, pad)
-        mask, truncated = response_mask(responses, eos)
-        sequences = torch.cat([input_ids, responses], dim=1)
-        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
-        position_ids = position_ids_from_mask(attention_mask)
+        sequences, attention_mask, position_ids, responses, mask, truncated = self._sample(batch, greedy=False)
         group = torch.as_tensor(batch["group"], device=self.device)
         parts = defaultdict(list)
         chunk = self.ppo.micro_batch_size or self.ppo.mini_batch_size
@@ -403,6 +396,23 @@ class RLSystem(pl.LightningModule):
             targets = self.guide_callback.finalize(cat["guide_raw"], mask)
             rollout.guide_raw, rollout.guide_targets, rollout.key = targets.raw, targets.standardized, targets.key
         return rollout
+
+    @torch.no_grad()
+    def _sample(self, batch: dict[str, Any], greedy: bool) -> tuple[Tensor, ...]:
+        """Formats, tokenizes and answers a batch of prompts with the KV cache.
+
+        Returns:
+            ``(sequences, attention_mask, position_ids, responses, mask, truncated)``: (B, T) x 3 for prompt +
+            response, (B, A) x 2 for the response tokens and their mask, (B,) for "no EOS before the limit".
+        """
+        input_ids, prompt_mask = tokenize_prompts(self.tokenizer, list(batch["prompt"]), self.prompt)
+        input_ids, prompt_mask = input_ids.to(self.device), prompt_mask.to(self.device)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        responses = sample_responses(self.policy, input_ids, prompt_mask, self.generation, eos, pad, greedy=greedy)
+        mask, truncated = response_mask(responses, eos)
+        sequences = torch.cat([input_ids, responses], dim=1)
+        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
+        return sequences, attention_mask, position_ids_from_mask(attention_mask), responses, mask, truncated
 
     def _score_tokens(self, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor,
                       responses: Tensor, with_guide: bool = False) -> dict[str, Tensor]:
@@ -737,11 +747,7 @@ class RLSystem(pl.LightningModule):
     @torch.no_grad()
     def _evaluate(self, batch: dict[str, Any]) -> tuple[Tensor | None, Tensor]:
         """Greedy responses to a validation batch: (gold rewards (B,) or None, response lengths (B,))."""
-        input_ids, prompt_mask = tokenize_prompts(self.tokenizer, list(batch["prompt"]), self.prompt)
-        input_ids, prompt_mask = input_ids.to(self.device), prompt_mask.to(self.device)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        responses = sample_responses(self.policy, input_ids, prompt_mask, self.generation, eos, pad, greedy=True)
-        mask, truncated = response_mask(responses, eos)
+        _, _, _, responses, mask, truncated = self._sample(batch, greedy=True)
         _, completions = self._completions(batch, responses, mask, truncated)
         with self._reward_errors(f"a validation batch after rollout batch {self.rollouts}", completions):
             gold = self.reward.gold_score(completions)
@@ -755,15 +761,8 @@ class RLSystem(pl.LightningModule):
         advantage (GAE against the gold reward with the KL penalty, not whitened; None without a critic), value
         (None without a critic), guide entropy and surprisal.
         """
-        input_ids, prompt_mask = tokenize_prompts(self.tokenizer, list(batch["prompt"]), self.prompt)
-        input_ids, prompt_mask = input_ids.to(self.device), prompt_mask.to(self.device)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        responses = sample_responses(self.policy, input_ids, prompt_mask, self.generation, eos, pad, greedy=True)
-        mask, truncated = response_mask(responses, eos)
-        sequences = torch.cat([input_ids, responses], dim=1)
-        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
-        parts = self._score_tokens(sequences, attention_mask, position_ids_from_mask(attention_mask), responses,
-                                   with_guide=True)
+        sequences, attention_mask, position_ids, responses, mask, truncated = self._sample(batch, greedy=True)
+        parts = self._score_tokens(sequences, attention_mask, position_ids, responses, with_guide=True)
         _, completions = self._completions(batch, responses, mask, truncated)
         with self._reward_errors("the key-token view's validation prompts", completions):
             gold = self.reward.gold_score(completions)
