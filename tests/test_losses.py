@@ -10,6 +10,7 @@ import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 from torch.testing import assert_close
 
+from vrpo_pl import losses
 from vrpo_pl.callbacks.kl_control import adaptive_kl_update
 from vrpo_pl.losses import (
     aggregate,
@@ -591,3 +592,22 @@ def test_adaptive_kl_error_clipped(kl, error):
     """The proportional error kl / target - 1 is clipped to [-0.2, 0.2]."""
     coef, target, horizon, n = 0.2, 6.0, 1000, 50
     assert math.isclose(adaptive_kl_update(coef, kl, target, horizon, n), coef * (1 + error * n / horizon))
+
+
+def test_summable_correlation_and_explained_variance_match_the_tensor_versions():
+    """The sum-based forms used across micro-batches and ranks equal the direct tensor computations."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    y = y + 0.5 * x
+    mask = torch.ones(50, dtype=torch.float64)
+    sums = {"x": x.sum(), "y": y.sum(), "xx": (x * x).sum(), "yy": (y * y).sum(), "xy": (x * y).sum()}
+    corr = losses.correlation_from_sums({k: float(v) for k, v in sums.items()}, 50.0)
+    assert abs(corr - float(losses.pearson(x, y, mask))) < 1e-6, "pearson works in float32"
+    r, v = y, 0.8 * y + 0.1 * x
+    e = r - v
+    ev = losses.explained_variance_from_sums(float(r.sum()), float((r * r).sum()), float(e.sum()),
+                                             float((e * e).sum()), 50.0)
+    # explained_variance uses unbiased variances; the ratio is the same.
+    assert abs(ev - float(losses.explained_variance(v, r, mask))) < 1e-6
+    constant = {"x": 50.0, "y": float(y.sum()), "xx": 50.0, "yy": float((y * y).sum()), "xy": float(y.sum())}
+    assert losses.correlation_from_sums(constant, 50.0) == 0.0, "a constant has no correlation"

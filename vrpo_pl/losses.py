@@ -244,3 +244,28 @@ def pearson(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
     a, b = a - a.mean(), b - b.mean()
     denom = a.norm() * b.norm()
     return (a * b).sum() / denom if denom > 0 else torch.tensor(float("nan"))
+
+
+def correlation_from_sums(sums: dict[str, float], n: float) -> float:
+    """Pearson correlation from the sums ``x``, ``y``, ``xx``, ``yy``, ``xy`` over n points (0 when undefined).
+
+    Sums add up over micro-batches and ranks, so the correlation covers a whole update; :func:`pearson` is the
+    same quantity for tensors in hand.
+    """
+    if n < 2:
+        return 0.0
+    cov = sums["xy"] - sums["x"] * sums["y"] / n
+    var_x, var_y = sums["xx"] - sums["x"] ** 2 / n, sums["yy"] - sums["y"] ** 2 / n
+    return cov / (var_x * var_y) ** 0.5 if var_x > 0 and var_y > 0 else 0.0
+
+
+def explained_variance_from_sums(r: float, rr: float, e: float, ee: float, n: float) -> float:
+    """1 - Var(R - V)/Var(R) from the sums of R, R^2, E = R - V and E^2 over n tokens (0 when Var(R) = 0).
+
+    The summable form of :func:`explained_variance` (population variances), for batches spread over ranks.
+    """
+    if n < 1:
+        return 0.0
+    var_r = rr / n - (r / n) ** 2
+    var_e = ee / n - (e / n) ** 2
+    return 1.0 - var_e / var_r if var_r > 1e-12 else 0.0

@@ -689,7 +689,7 @@ class RLSystem(pl.LightningModule):
         for name in ("entropy", "surprisal"):
             if f"sum:aux/corr_{name}/x" in reduced:
                 m = {k: reduced[f"sum:aux/corr_{name}/{k}"] for k in ("x", "y", "xx", "yy", "xy")}
-                out[f"aux/corr_{name}"] = _correlation_from_moments(m, reduced["_tokens_critic"])
+                out[f"aux/corr_{name}"] = L.correlation_from_sums(m, reduced["_tokens_critic"])
         return out
 
     # ---------------------------------------------------------------- metrics
@@ -725,9 +725,8 @@ class RLSystem(pl.LightningModule):
             out["reward/gold"] = total["reward/gold"] / n
         if "value/mean" in total:
             out["value/mean"] = total["value/mean"] / tokens
-            var_r = total["_ev_rr"] / tokens - (total["_ev_r"] / tokens) ** 2
-            var_e = total["_ev_ee"] / tokens - (total["_ev_e"] / tokens) ** 2
-            out["value/explained_variance"] = 1.0 - var_e / var_r if var_r > 1e-12 else 0.0
+            out["value/explained_variance"] = L.explained_variance_from_sums(
+                total["_ev_r"], total["_ev_rr"], total["_ev_e"], total["_ev_ee"], tokens)
         if "adv/abs_key" in total:
             out["adv/abs_key"] = total["adv/abs_key"] / max(total["_key_tokens"], 1.0)
             out["adv/abs_other"] = total["adv/abs_other"] / max(tokens - total["_key_tokens"], 1.0)
@@ -978,12 +977,3 @@ def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(model).requires_grad_(False).eval()
-
-
-def _correlation_from_moments(m: dict[str, float], n: float) -> float:
-    """Pearson correlation from the sums of x, y, x^2, y^2 and xy over n points (0 when undefined)."""
-    if n < 2:
-        return 0.0
-    cov = m["xy"] - m["x"] * m["y"] / n
-    var_x, var_y = m["xx"] - m["x"] ** 2 / n, m["yy"] - m["y"] ** 2 / n
-    return cov / math.sqrt(var_x * var_y) if var_x > 0 and var_y > 0 else 0.0
