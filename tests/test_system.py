@@ -115,6 +115,11 @@ def test_trainable_parameters_change_and_frozen_do_not(run_cli, tmp_path, lora):
         body_trainable = [n for n in trainable if n.startswith("critic.backbone.")]
         assert body_trainable and all("lora_" in n for n in body_trainable)
         assert all(not p.requires_grad for n, p in after.items() if n.startswith("policy.") and "lora_" not in n)
+        # One copy of the base weights: the critic's body holds the policy's own frozen tensors.
+        policy_base = {p.data_ptr() for n, p in model.policy.named_parameters() if "lora_" not in n}
+        critic_base = [p for n, p in model.critic.backbone.named_parameters(remove_duplicate=False)
+                       if "lora_" not in n]
+        assert critic_base and all(p.data_ptr() in policy_base for p in critic_base)
     else:
         assert model.reference is not None
         assert all(n.startswith("reference.") for n in frozen) and frozen

@@ -294,6 +294,17 @@ def hidden_size_of(backbone: nn.Module) -> int:
     return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
 
 
-def copy_backbone(policy_lm: nn.Module) -> nn.Module:
-    """A trainable copy of the policy's body (without the LM head), to initialize the critic."""
-    return copy.deepcopy(getattr(policy_lm, policy_lm.base_model_prefix))
+def copy_backbone(policy_lm: nn.Module, share_weights: bool = False) -> nn.Module:
+    """A copy of the policy's body (without the LM head), to initialize the critic.
+
+    Args:
+        policy_lm: the policy's ``PreTrainedModel`` (before LoRA is applied).
+        share_weights: new modules around the policy's own weight tensors, so one copy of the base weights serves
+            the policy, the reference and the critic. Only correct when neither body is trained directly (LoRA on
+            both, frozen base): an adapter wraps its module, so each model keeps its own trainable deltas.
+    """
+    body = getattr(policy_lm, policy_lm.base_model_prefix)
+    if not share_weights:
+        return copy.deepcopy(body)
+    memo = {id(t): t for t in (*body.parameters(), *body.buffers())}
+    return copy.deepcopy(body, memo)

@@ -255,7 +255,11 @@ class RLSystem(pl.LightningModule):
         disable_dropout(lm)
         body = None
         if self.uses_critic:
-            body = self.critic_source.backbone(self.model_dtype) if self.critic_source else copy_backbone(lm)
+            # LoRA on both models: the critic's body shares the policy's frozen base weights (one copy in memory).
+            # FSDP2 shards each trainable model separately, so there each keeps its own copy.
+            share = self.lora_spec is not None and self.critic_lora_spec is not None and self.device_mesh is None
+            body = (self.critic_source.backbone(self.model_dtype) if self.critic_source
+                    else copy_backbone(lm, share_weights=share))
             disable_dropout(body)
         if self.lora_spec is not None:
             self.policy = apply_lora(lm, self.lora_spec, causal_lm=True)
