@@ -102,3 +102,37 @@ def test_guide_targets_surprisal_mean_is_log_perplexity():
     probs = torch.softmax(logits, -1).gather(-1, responses[..., None]).squeeze(-1)
     perplexity = probs.prod() ** (-1 / 6)
     assert_close(guide_targets(logits, responses)[..., 1].mean().exp(), perplexity)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_match_a_full_forward_pass(temperature):
+    """The log-probs taken from the sampler's logits are those a second pass of the policy computes (fp32, left
+    padding, temperature), so the rollout can skip that pass."""
+    from vrpo_pl.models import TinyLM
+    from vrpo_pl.rollout import (
+        GenerationSettings,
+        PromptSettings,
+        response_logits,
+        response_logprobs,
+        sample_responses,
+        tokenize_prompts,
+    )
+
+    source = TinyLM()
+    tokenizer, policy = source.tokenizer(), source.causal_lm(torch.float32).eval()
+    prompts = ["What is 2 + 3?", "Add 14 and 27, then subtract 9. What do you get?", "1 - 1 ="]
+    input_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, PromptSettings())
+    assert (prompt_mask == 0).any(), "the prompts must have different lengths (left padding)"
+    settings = GenerationSettings(max_new_tokens=12, temperature=temperature)
+    torch.manual_seed(0)
+    responses, logp = sample_responses(policy, input_ids, prompt_mask, settings, tokenizer.eos_token_id,
+                                       tokenizer.pad_token_id, with_logprobs=True)
+    mask, _ = response_mask(responses, tokenizer.eos_token_id)
+    sequences = torch.cat([input_ids, responses], 1)
+    attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+    with torch.no_grad():
+        logits = response_logits(policy, sequences, attention_mask, position_ids_from_mask(attention_mask),
+                                 responses.shape[1])
+    full = response_logprobs(logits, responses, temperature)
+    assert_close(logp * mask, full * mask, atol=1e-4, rtol=1e-4)
+    assert (logp * mask).abs().sum() > 0

@@ -384,16 +384,20 @@ class RLSystem(pl.LightningModule):
 
     @torch.no_grad()
     def _rollout(self, batch: dict[str, Any]) -> Rollout:
-        sequences, attention_mask, position_ids, responses, mask, truncated = self._sample(batch, greedy=False)
+        reuse = self.generation.sampler_logprobs
+        sequences, attention_mask, position_ids, responses, mask, truncated, *sampler_logp = self._sample(
+            batch, greedy=False, with_logprobs=reuse)
         group = torch.as_tensor(batch["group"], device=self.device)
         parts = defaultdict(list)
         chunk = self.ppo.micro_batch_size or self.ppo.mini_batch_size
         for s in range(0, responses.shape[0], chunk):
             sl = slice(s, s + chunk)
             for key, value in self._score_tokens(sequences[sl], attention_mask[sl], position_ids[sl],
-                                                 responses[sl]).items():
+                                                 responses[sl], with_policy=not reuse).items():
                 parts[key].append(value)
         cat = {key: torch.cat(values) for key, values in parts.items()}
+        if reuse:
+            cat["logp"] = sampler_logp[0]
         rollout = Rollout(sequences, attention_mask, position_ids, responses, mask, truncated, cat["logp"],
                           cat["ref_logp"], group, values=cat.get("values"))
         if "guide_raw" in cat:
@@ -402,32 +406,39 @@ class RLSystem(pl.LightningModule):
         return rollout
 
     @torch.no_grad()
-    def _sample(self, batch: dict[str, Any], greedy: bool) -> tuple[Tensor, ...]:
+    def _sample(self, batch: dict[str, Any], greedy: bool, with_logprobs: bool = False) -> tuple[Tensor, ...]:
         """Formats, tokenizes and answers a batch of prompts with the KV cache.
 
         Returns:
             ``(sequences, attention_mask, position_ids, responses, mask, truncated)``: (B, T) x 3 for prompt +
-            response, (B, A) x 2 for the response tokens and their mask, (B,) for "no EOS before the limit".
+            response, (B, A) x 2 for the response tokens and their mask, (B,) for "no EOS before the limit";
+            with ``with_logprobs`` a seventh (B, A): the responses' log-probs under the sampler's logits.
         """
         input_ids, prompt_mask = tokenize_prompts(self.tokenizer, list(batch["prompt"]), self.prompt)
         input_ids, prompt_mask = input_ids.to(self.device), prompt_mask.to(self.device)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        responses = sample_responses(self.policy, input_ids, prompt_mask, self.generation, eos, pad, greedy=greedy)
+        out = sample_responses(self.policy, input_ids, prompt_mask, self.generation, eos, pad, greedy=greedy,
+                               with_logprobs=with_logprobs)
+        responses, logp = out if with_logprobs else (out, None)
         mask, truncated = response_mask(responses, eos)
         sequences = torch.cat([input_ids, responses], dim=1)
         attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
-        return sequences, attention_mask, position_ids_from_mask(attention_mask), responses, mask, truncated
+        result = (sequences, attention_mask, position_ids_from_mask(attention_mask), responses, mask, truncated)
+        return (*result, logp * mask) if with_logprobs else result
 
     def _score_tokens(self, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                      responses: Tensor, with_guide: bool = False) -> dict[str, Tensor]:
+                      responses: Tensor, with_guide: bool = False, with_policy: bool = True) -> dict[str, Tensor]:
         """Old log-probs, reference log-probs, guide targets and values for a slice; each pass runs once.
 
-        ``with_guide`` adds the guide targets even when the critic does not need them (for the key-token view).
+        ``with_guide`` adds the guide targets even when the critic does not need them (for the key-token view);
+        ``with_policy=False`` skips the policy's pass (the sampler's log-probs are used instead).
         """
         num = responses.shape[1]
         temperature = self.generation.temperature
-        out = {"logp": response_logprobs(
-            response_logits(self.policy, sequences, attention_mask, position_ids, num), responses, temperature)}
+        out = {}
+        if with_policy:
+            out["logp"] = response_logprobs(
+                response_logits(self.policy, sequences, attention_mask, position_ids, num), responses, temperature)
         with self._reference_context() as reference:
             ref_logits = response_logits(reference, sequences, attention_mask, position_ids, num)
         out["ref_logp"] = response_logprobs(ref_logits, responses, temperature)
