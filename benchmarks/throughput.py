@@ -15,9 +15,9 @@ loop, data). An iteration is the time between consecutive ``on_train_batch_end``
 
 The lower bound replays each measured rollout batch without the framework: the same ``generate`` call on the same
 prompts for exactly the same number of new tokens (``min_new_tokens`` = the rollout's length), then the same forward
-passes (policy, reference, critic, in the same chunks), the same decode + reward call, and the same forward/backward
-passes and optimizer steps of the update (same mini/micro-batch shapes, a plain clipped loss, no statistics),
-back to back. Reported: medians over the measured iterations, ratio = full iteration / lower bound (goal <= 1.15).
+passes (policy unless its log-probs come from the sampler, reference, critic, in the same chunks), the same decode +
+reward call, and the same forward/backward passes and optimizer steps of the update (same mini/micro-batch shapes,
+a plain clipped loss, no statistics), back to back. Reported: medians over the measured iterations, ratio = full iteration / lower bound (goal <= 1.15).
 
     python benchmarks/throughput.py                                   # CPU, SmolLM2, base size
     python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --size large --out runs/bench/tp.md
@@ -163,11 +163,11 @@ class PhaseTimer:
         sample, rollout, score, step = (system_module.sample_responses, system._rollout, system._score,
                                         system._optimizer_step)
 
-        def timed_sample(policy, input_ids, attention_mask, settings, eos, pad, greedy=False):
+        def timed_sample(policy, input_ids, attention_mask, settings, eos, pad, greedy=False, **kwargs):
             self.capture.update(input_ids=input_ids, attention_mask=attention_mask, settings=settings, eos=eos,
                                 pad=pad)
             with self.phase("generation"):
-                return sample(policy, input_ids, attention_mask, settings, eos, pad, greedy)
+                return sample(policy, input_ids, attention_mask, settings, eos, pad, greedy, **kwargs)
 
         def timed_rollout(batch):
             with self.phase("rollout"):
@@ -223,17 +223,25 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
         _sync()
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
+    reuse = g.sampler_logprobs  # the old log-probs come from the sampler's logits: no policy pass below
     with torch.no_grad():
         with timed("generation"):
             out = policy.generate(input_ids=cap["input_ids"], attention_mask=cap["attention_mask"], max_new_tokens=num,
                                   min_new_tokens=num, eos_token_id=cap["eos"], pad_token_id=cap["pad"], do_sample=True,
-                                  temperature=g.temperature, top_p=g.top_p, top_k=0, use_cache=True)
+                                  temperature=g.temperature, top_p=g.top_p, top_k=0, use_cache=True,
+                                  output_logits=reuse, return_dict_in_generate=reuse)
+            if reuse:
+                new = out.sequences[:, -num:]
+                [torch.log_softmax(x.float() / g.temperature, -1).gather(-1, new[:, t, None])
+                 for t, x in enumerate(out.logits)]
+                out = out.sequences
         assert out.shape[1] - cap["input_ids"].shape[1] == num, "the lower bound generated a different length"
         chunk = p.micro_batch_size or p.mini_batch_size
         with timed("frozen"):
             for s in range(0, size, chunk):
                 sl = slice(s, s + chunk)
-                logp(policy, sl)
+                if not reuse:
+                    logp(policy, sl)
                 if system.reference is not None:
                     logp(system.reference, sl)
                 else:
