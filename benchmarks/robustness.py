@@ -105,10 +105,13 @@ SETTINGS = {
         "--data.val_batch_size", "4", "--model.ppo.epochs", "1", "--model.ppo.mini_batch_size", "2",
         "--model.ppo.micro_batch_size", "null", "--model.generation.max_new_tokens", "4",
         "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu"], threads=1),
-    # SmolLM2 + LoRA, quickstart's task and sampling (chain_sum, 2 terms of 1 digit, temperature 0.7), 8 prompts x 2
-    # samples = 16 responses per rollout batch in mini-batches of 8, 8 rollout batches, 64 held-out questions at
-    # rollout 0, 4 and 8. Measured on 2 CPU cores: about 7 minutes per run, so the 6 runs take about 45 minutes.
+    # SmolLM2 + LoRA on quickstart's task (chain_sum, 2 terms of 1 digit), its sampling and learning rates pinned
+    # here so that editing the quickstart does not silently change the benchmark: temperature 0.7, 10 new tokens,
+    # 8 prompts x 2 samples = 16 responses per rollout batch in mini-batches of 8, 8 rollout batches, 64 held-out
+    # questions at rollout 0, 4 and 8. About 5-6 minutes per run on 2 CPU cores: the 6 runs take about 35 minutes.
     "small": Setting("configs/quickstart.yaml", 8, 4, ["ppo", "grpo", "vrpo"], ["none", "flip0.4"], [0], _COMMON + [
+        "--model.generation.temperature", "0.7", "--model.generation.max_new_tokens", "10",
+        "--model.optim.policy_lr", "3e-4", "--model.optim.critic_lr", "1e-3", "--model.ppo.epochs", "1",
         "--data.prompts_per_rollout", "8", "--data.samples_per_prompt", "2", "--model.ppo.mini_batch_size", "8",
         "--data.val_size", "64", "--data.val_batch_size", "64"]),
     # For a GPU (pass --accelerator gpu --precision bf16-mixed): 16 prompts x 4 samples, 100 rollout batches, room

@@ -17,11 +17,13 @@ The lower bound replays each measured rollout batch without the framework: the s
 prompts for exactly the same number of new tokens (``min_new_tokens`` = the rollout's length), then the same forward
 passes (policy unless its log-probs come from the sampler, reference, critic, in the same chunks), the same decode +
 reward call, and the same forward/backward passes and optimizer steps of the update (same mini/micro-batch shapes,
-a plain clipped loss, no statistics), back to back. Reported: medians over the measured iterations, ratio = full iteration / lower bound (goal <= 1.15).
+a plain clipped loss, no statistics), back to back. Reported: medians over the measured iterations, ratio = full
+iteration / lower bound (goal <= 1.15).
 
     python benchmarks/throughput.py                                   # CPU, SmolLM2, base size
     python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --size large --out runs/bench/tp.md
     python benchmarks/throughput.py --tiny --iters 2 --no-isolate     # seconds
+    python benchmarks/throughput.py --algorithms vrpo --iters 1 --profile   # + torch.profiler's top operators
 
 Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over the training run; on the CPU the process's peak
 RSS, so by default each algorithm (and the policy-alone reference) runs in its own fresh process
@@ -287,6 +289,21 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     return times
 
 
+@contextmanager
+def profiled(args: argparse.Namespace):
+    """``torch.profiler`` around the training run with ``--profile`` (its overhead inflates the timings), else None."""
+    if not args.profile:
+        yield None
+        return
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.accelerator in ("gpu", "cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        yield prof
+
+
 def measure(algorithm: str, args: argparse.Namespace) -> dict:
     """Trains one algorithm for 1 + ``iters`` rollout batches, then replays them as the lower bound."""
     import torch
@@ -298,8 +315,12 @@ def measure(algorithm: str, args: argparse.Namespace) -> dict:
     cuda = args.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss, timer.instrument(system):
+    with PeakRSS() as rss, timer.instrument(system), profiled(args) as prof:
         trainer.fit(system, datamodule=cli.datamodule)
+    if prof is not None:
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(f"\n## torch.profiler: {algorithm}, every rollout batch of the run, top 20 operators by self time\n")
+        print(prof.key_averages().table(sort_by=sort, row_limit=20))
     peak = torch.cuda.max_memory_allocated() if cuda else (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if args.isolated_child else rss.peak)
     bounds = [lower_bound(system, trainer, cap) for cap in timer.captures]  # [0] is the warm-up
@@ -422,6 +443,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure each row in a fresh process (exact peak RSS on the CPU)")
     p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's top operators per algorithm (slows the run; timings inflated)")
     p.add_argument("--only", help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -18,6 +18,8 @@ e.g. ``vrpo fit --model.reward.help vrpo_pl.rewards.SymmetricFlip``.
 
 from __future__ import annotations
 
+import warnings
+
 import jsonargparse
 from lightning.pytorch.cli import LightningCLI
 
@@ -70,8 +72,19 @@ def cli(args: list[str] | None = None) -> VRPOCLI:
     )
 
 
+# Lightning warnings that describe this design rather than a problem, silenced so real warnings stand out: the
+# frozen reference/guide are in eval mode on purpose, and a checkpoint after the rollout batch's optimizer steps is
+# exactly the state to resume from.
+QUIET_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+)
+
+
 def main() -> None:
     """Entry point of the ``vrpo`` console script."""
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     cli()
 
 
