@@ -40,3 +40,16 @@ def test_shared_backbone_keeps_adapters_apart():
             base = critic(input_ids=ids).last_hidden_state
     assert not torch.allclose(adapted, base), "the critic's adapter did not train"
     assert torch.equal(policy(input_ids=ids).logits, before), "the critic's update leaked into the policy"
+
+
+def test_plain_value_head_starts_near_zero_on_large_hidden_states():
+    """A transformer's last hidden state has a large norm (here 5 per dimension, ~120 in all at H=576); the plain
+    head's first values must still sit at the scale of 0/1 rewards, or the critic starts with a very negative
+    explained variance (measured: -3.3 on SmolLM2 with std 1/sqrt(H+1))."""
+    from vrpo_pl.models import ValueHead
+
+    torch.manual_seed(0)
+    hidden = 5.0 * torch.randn(64, 10, 576)
+    values = ValueHead(576, vib=False).forward(hidden).values
+    assert values.shape == (64, 10)
+    assert values.std() < 0.5, float(values.std())

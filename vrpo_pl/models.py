@@ -242,7 +242,11 @@ class ValueHead(nn.Module):
             self.decoder = nn.Linear(hidden_size, 1)
         self.aux = nn.Linear(features, aux_targets) if aux_targets > 0 else None
         last = self.decoder[-1] if vib else self.decoder
-        nn.init.normal_(last.weight, std=1.0 / (features + 1) ** 0.5)
+        # The plain head reads the backbone's hidden state directly, whose norm is large (~sqrt(H) x the final norm's
+        # scale): std 1/(H+1) (OpenRLHF's choice) starts its values near 0, the scale of 0/1 rewards. With
+        # 1/sqrt(H+1) SmolLM2's first values spread over several units and PPO's explained variance started at
+        # -3.3 in the robustness benchmark. The VIB decoder reads a small latent through an MLP and keeps its init.
+        nn.init.normal_(last.weight, std=1.0 / (features + 1) ** 0.5 if vib else 1.0 / (features + 1))
         nn.init.zeros_(last.bias)
 
     def forward(self, hidden: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> ValueOutput:
