@@ -425,6 +425,52 @@ def report(records: list[dict], args: argparse.Namespace, header: str) -> str:
     return "\n".join(lines + bound_lines + notes)
 
 
+def plot_report(report_path: Path, png_path: Path) -> None:
+    """Draws a report's phase tables (framework and lower bound, per algorithm) as stacked bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    section = "framework"
+    for line in report_path.read_text().splitlines():
+        if line.startswith("Lower bound"):
+            section = "bound"
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 6 or cells[0] in ("algorithm", "") or cells[0].startswith("---") or "reference" in cells[0]:
+            continue
+        try:
+            width = 8 if section == "framework" else 6  # total + 5 phases + other; 5 phases
+            values = [float(c.replace(",", "").split()[0]) for c in cells[1:width]]
+        except (ValueError, IndexError):
+            continue
+        names = [*PHASES, "other"] if section == "framework" else PHASES
+        offset = 1 if section == "framework" else 0  # the framework table starts with the total
+        rows.setdefault(cells[0], {})[section] = dict(zip(names, values[offset:], strict=False))
+    if not rows:
+        raise ValueError(f"no phase table in {report_path}; pass a report written by --out")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = plt.cm.tab10.colors
+    labels, x = [], 0
+    for algorithm, sections in rows.items():
+        for section in ("framework", "bound"):
+            bottom = 0.0
+            for i, (phase, value) in enumerate(sections.get(section, {}).items()):
+                ax.bar(x, value, bottom=bottom, color=colors[i], label=phase if x == 0 else None)
+                bottom += value
+            ax.text(x, bottom, f"{bottom:.0f} s", ha="center", va="bottom", fontsize=8)
+            labels.append(f"{algorithm}\n{'framework' if section == 'framework' else 'lower bound'}")
+            x += 1
+        x += 0.5
+    ax.set_xticks([i + 0.5 * (i // 2) for i in range(len(labels))], labels, fontsize=8)
+    ax.set(ylabel="seconds per rollout batch", title=f"Phases of a rollout batch: {report_path.name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="TinyLM instead of SmolLM2-135M-Instruct")
@@ -445,6 +491,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators per algorithm (slows the run; timings inflated)")
+    p.add_argument("--plot", type=Path, metavar="REPORT_MD",
+                   help="only draw REPORT_MD's phase tables (a report written by --out) to REPORT_MD's .png")
     p.add_argument("--only", help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -459,6 +507,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.plot:
+        plot_report(args.plot, args.plot.with_suffix(".png"))
+        print(f"wrote {args.plot.with_suffix('.png')}")
+        return 0
     import torch
 
     if args.threads:
@@ -484,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+        plot_report(args.out, args.out.with_suffix(".png"))
     return 0
 
 

@@ -74,3 +74,11 @@ def test_throughput_tiny_reports_every_algorithm(benchmarks, tmp_path, single_th
     for row in ("| ppo |", "| grpo |", "| vrpo |", "| policy alone (reference) |"):
         assert row in text
     assert "lower bound" in text and "ratio" in text
+    png = out.with_suffix(".png")
+    assert png.stat().st_size > 10_000, "the phase plot was not drawn"
+    png.unlink()
+    assert benchmarks["throughput"].main(["--plot", str(out)]) == 0  # redraw from the report alone
+    assert png.exists()
+    (tmp_path / "empty.md").write_text("no table here\n")
+    with pytest.raises(ValueError, match="no phase table"):
+        benchmarks["throughput"].main(["--plot", str(tmp_path / "empty.md")])
