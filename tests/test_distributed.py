@@ -119,8 +119,12 @@ def _assert_same_metrics(single: dict, other: dict, label: str) -> None:
     assert single.keys() == other.keys(), f"{label}: tags differ: {sorted(single.keys() ^ other.keys())}"
     for tag, values in single.items():
         assert [s for s, _ in other[tag]] == [s for s, _ in values], f"{label}: {tag} logged at other steps"
+        # A clip fraction counts tokens on either side of a threshold: a 1e-7 difference in a value that sits on
+        # the boundary moves a whole token (1/16 here), so it gets a tolerance of a few tokens; every continuous
+        # metric and the weights are held to 1e-4.
+        tol = {"rel": 0.0, "abs": 0.13} if tag.endswith("clipfrac") else {"rel": 1e-4, "abs": 1e-5}
         for (step, a), (_, b) in zip(values, other[tag], strict=True):
-            assert b == pytest.approx(a, rel=1e-4, abs=1e-5), f"{label}: {tag} at rollout {step}: {b} vs {a}"
+            assert b == pytest.approx(a, **tol), f"{label}: {tag} at rollout {step}: {b} vs {a}"
 
 
 def _assert_same_weights(single: dict[str, torch.Tensor], other: dict[str, torch.Tensor], label: str) -> None:
