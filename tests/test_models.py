@@ -1,5 +1,6 @@
 """The critic's body: a private copy, or the policy's own frozen base weights behind a second LoRA adapter."""
 
+import pytest
 import torch
 
 from vrpo_pl.models import LoRASpec, TinyLM, apply_lora, copy_backbone
@@ -53,3 +54,89 @@ def test_plain_value_head_starts_near_zero_on_large_hidden_states():
     values = ValueHead(576, vib=False).forward(hidden).values
     assert values.shape == (64, 10)
     assert values.std() < 0.5, float(values.std())
+
+
+def _smollm2_like_hidden(batch: int = 64, length: int = 10, size: int = 576) -> torch.Tensor:
+    """Hidden states with SmolLM2-135M's statistics: per-dimension std ~2 (norm ~47) and one outlier dimension ~50."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = 2.0 * torch.randn(batch, length, size, generator=generator)
+    hidden[..., 7] = 50.0 + torch.randn(batch, length, generator=generator)
+    return hidden
+
+
+@pytest.mark.parametrize("vib", [False, True])
+@pytest.mark.parametrize("normalize_values", [False, True])
+def test_value_heads_start_within_the_reward_scale(vib, normalize_values):
+    """Both heads' first values sit within a few hundredths of 0 (std < 0.06) on hidden states of SmolLM2's norm; before the input
+    LayerNorm the VIB head's spread over +-0.4 and its KL started at 136 nats per token."""
+    from vrpo_pl.losses import vib_kl
+    from vrpo_pl.models import ValueHead
+
+    torch.manual_seed(0)
+    head = ValueHead(576, vib=vib, normalize_values=normalize_values)
+    out = head(_smollm2_like_hidden())
+    assert out.values.std() < 0.06 and out.values.mean().abs() < 0.05, (float(out.values.mean()), float(out.values.std()))
+    assert out.values.abs().max() < 0.25, float(out.values.abs().max())
+    if vib:
+        kl = vib_kl(out.mu, out.logvar).mean()
+        # Unit-scale mu over 64 dims (~32 nats) plus sigma = exp(-1) (~36 nats): far from the old 136.
+        assert 40 < kl < 90, float(kl)
+
+
+def test_vib_rollout_values_average_the_decoder_over_fixed_antithetic_draws():
+    from vrpo_pl.models import ValueHead
+
+    torch.manual_seed(0)
+    head = ValueHead(32, vib=True, latent_dim=4, decoder_hidden=8, value_samples=6)
+    assert head.value_eps.shape == (6, 4) and torch.equal(head.value_eps[:3], -head.value_eps[3:])
+    hidden = torch.randn(2, 3, 32)
+    out = head(hidden)
+    sigma = torch.exp(0.5 * out.logvar)
+    expected = torch.stack([head.decoder(out.mu + sigma * e) for e in head.value_eps]).squeeze(-1).mean(0)
+    torch.testing.assert_close(out.values, expected)
+    torch.testing.assert_close(head(hidden).values, out.values)  # deterministic: no random state is used
+    plain = ValueHead(32, vib=True, latent_dim=4, decoder_hidden=8, value_samples=0)
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if k != "value_eps"})
+    torch.testing.assert_close(plain(hidden).values, head.decoder(out.mu).squeeze(-1))
+
+
+def test_return_normalizer_merges_batches_and_round_trips():
+    from vrpo_pl.models import ReturnNormalizer
+
+    x = torch.randn(1000, dtype=torch.float64) * 3 + 2
+    norm = ReturnNormalizer()
+    for part in x.split(300):  # uneven parts merge to the whole batch's statistics
+        norm.update(part.numel(), float(part.sum()), float((part**2).sum()))
+    assert float(norm.count) == 1000
+    torch.testing.assert_close(norm.mean, x.mean())
+    torch.testing.assert_close(norm.var, x.var(unbiased=False))
+    y = torch.randn(5)
+    torch.testing.assert_close(norm.denormalize(norm.normalize(y)), y)
+
+
+def test_vib_critic_fits_a_regression_on_fixed_features():
+    """On fixed SmolLM2-scale features whose target is a noisy nonlinear function of a few dimensions, the VIB head
+    trained as in PPO's critic update (sampled z, KL weight beta = 1e-3, AdamW lr 1e-3, mini-batches of 16 x 10
+    tokens) reaches an explained variance of 0.5 on held-out features within 150 steps."""
+    from vrpo_pl.losses import explained_variance, vib_kl
+    from vrpo_pl.models import ValueHead
+
+    torch.manual_seed(0)
+    hidden = _smollm2_like_hidden(batch=640)
+    signal = torch.tanh(hidden[..., 0] / 2) + 0.5 * (hidden[..., 1] > 0).float()
+    target = signal + 0.3 * torch.randn(signal.shape)
+    mask = torch.ones_like(target)
+    head = ValueHead(576, vib=True)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(150):
+        idx = torch.randint(0, 512, (16,), generator=generator)
+        out = head(hidden[idx], sample=True, generator=generator)
+        loss = 0.5 * (out.values - target[idx]).pow(2).mean() + 1e-3 * vib_kl(out.mu, out.logvar).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        ev = explained_variance(head(hidden[512:]).values, target[512:], mask[512:])
+    ceiling = 1 - 0.09 / float(target[512:].var())  # the noise's share cannot be explained
+    assert ev > 0.5, (float(ev), ceiling)

@@ -91,13 +91,7 @@ def export_critic(system, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     _merged(critic.backbone).save_pretrained(out)
     head = critic.head
-    config = {
-        "hidden_size": head.encoder.in_features if head.vib else head.decoder.in_features,
-        "vib": head.vib,
-        "latent_dim": head.encoder.out_features // 2 if head.vib else None,
-        "decoder_hidden": head.decoder[0].out_features if head.vib else None,
-        "aux_targets": 0 if head.aux is None else head.aux.out_features,
-    }
+    config = head.config  # the constructor arguments, saved rather than inferred from weight shapes
     (out / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(out / HEAD_WEIGHTS))
     system.tokenizer.save_pretrained(out)
@@ -117,12 +111,7 @@ def load_critic(path: str | Path, dtype: torch.dtype | None = None) -> ValueMode
     path = Path(path)
     if not (path / HEAD_CONFIG).exists():
         raise FileNotFoundError(f"{str(path)!r} is not an exported critic (no {HEAD_CONFIG}); see vrpo_pl.export")
-    config = json.loads((path / HEAD_CONFIG).read_text())
-    kwargs: dict[str, Any] = {"hidden_size": config["hidden_size"], "vib": config["vib"],
-                              "aux_targets": config["aux_targets"]}
-    if config["vib"]:
-        kwargs.update(latent_dim=config["latent_dim"], decoder_hidden=config["decoder_hidden"])
-    head = ValueHead(**kwargs)
+    head = ValueHead(**json.loads((path / HEAD_CONFIG).read_text()))
     head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)))
     body = AutoModel.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
     return ValueModel(body, head).eval()

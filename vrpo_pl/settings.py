@@ -94,8 +94,19 @@ class CriticSettings:
 
     vib: bool | None = None
     """Variational information bottleneck head; None: on for ``vrpo``, off for ``ppo``."""
+    input_norm: bool = True
+    """LayerNorm (without parameters) on the backbone's hidden state before either head, so the head's first values
+    sit at the reward's scale whatever the backbone's hidden-state norm (our choice; SmolLM2's is ~47)."""
+    normalize_values: bool = False
+    """Regress standardized returns (running mean/std over every rollout batch, checkpointed in the head's buffers)
+    and undo it for GAE; off: regress the returns as they are."""
     latent_dim: int = 64
     """VIB latent size d_z (our choice)."""
+    init_logvar: float = -2.0
+    """VIB posterior's initial log-variance (sigma = 0.37; our choice)."""
+    value_samples: int = 8
+    """VIB: rollout values average the decoder over this many draws of z, the quantity the critic's update
+    regresses (the decoder is nonlinear, so Dec(mu) is biased); 0: z = mu (our choice)."""
     decoder_hidden: int = 128
     """Hidden width of the VIB decoder MLP (our choice)."""
     beta: float = 1e-3

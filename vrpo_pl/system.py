@@ -271,7 +271,9 @@ class RLSystem(pl.LightningModule):
                 body = apply_lora(body, self.critic_lora_spec, causal_lm=False)
             c = self.critic_settings
             head = ValueHead(hidden_size_of(body), vib=bool(c.vib), latent_dim=c.latent_dim,
-                             decoder_hidden=c.decoder_hidden, aux_targets=2 if c.aux == "predict" else 0)
+                             decoder_hidden=c.decoder_hidden, aux_targets=2 if c.aux == "predict" else 0,
+                             input_norm=c.input_norm, init_logvar=c.init_logvar, value_samples=c.value_samples,
+                             normalize_values=c.normalize_values)
             self.critic = ValueModel(body, head)
         if self.device_mesh is not None:
             self._shard_trainable_models()
@@ -533,6 +535,9 @@ class RLSystem(pl.LightningModule):
         advantages, returns = gae_advantages(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)
         rollout.advantages = self._whiten(advantages, mask) if self.ppo.whiten_advantages else advantages
         rollout.returns = returns
+        if self.critic.head.return_norm is not None:
+            sums = self._all_reduce_sum(torch.stack([mask.sum(), (returns * mask).sum(), (returns**2 * mask).sum()]))
+            self.critic.head.return_norm.update(*sums.double().tolist())
 
     # ----------------------------------------------------------------- update
     def _ppo_update(self, r: Rollout) -> dict[str, float]:
@@ -636,11 +641,11 @@ class RLSystem(pl.LightningModule):
 
     def _critic_loss(self, r: Rollout, mb: Tensor, norm: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
         c, mask = self.critic_settings, r.mask[mb]
-        if self._vib_gen is None or self._vib_gen.device != self.device:
-            self._vib_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         out = self.critic(r.sequences[mb], r.attention_mask[mb], r.position_ids[mb], r.responses.shape[1],
-                          sample=bool(c.vib), generator=self._vib_gen)
-        per_token, clipped = L.clipped_value_loss(out.values, r.values[mb], r.returns[mb], self.ppo.value_clip)
+                          sample=bool(c.vib), generator=self._vib_generator())
+        unit = self.critic.head.normalize  # the value loss's units (standardized returns with normalize_values)
+        per_token, clipped = L.clipped_value_loss(unit(out.values), unit(r.values[mb]), unit(r.returns[mb]),
+                                                  self.ppo.value_clip)
         if c.aux == "weight":
             per_token = per_token * L.key_token_weights(r.key[mb], c.key_alpha)
         agg = dict(mask=mask, mode=self.ppo.loss_aggregation, **norm)
@@ -666,6 +671,11 @@ class RLSystem(pl.LightningModule):
         elif c.aux == "weight":
             stats["loss/aux"] = L.aggregate((per_token / L.key_token_weights(r.key[mb], c.key_alpha)).detach(), mask)
         return loss, stats
+
+    def _vib_generator(self) -> torch.Generator:
+        if self._vib_gen is None or self._vib_gen.device != self.device:
+            self._vib_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        return self._vib_gen
 
     def _whiten(self, x: Tensor, mask: Tensor) -> Tensor:
         """Advantage whitening over the global batch: mean and variance over every rank's response tokens."""
@@ -724,6 +734,13 @@ class RLSystem(pl.LightningModule):
             # Moments for the explained variance over the whole batch on all ranks.
             sums.update({"_ev_r": (r.returns * mask).sum(), "_ev_rr": (r.returns**2 * mask).sum(),
                          "_ev_e": error.sum(), "_ev_ee": (error**2).sum()})
+            # The same at two positions: the first response token (V sees the prompt only) and the last one (V has
+            # seen the whole response but its final token): where the critic has information.
+            last = (lengths.long() - 1).clamp(min=0)[:, None]
+            for name, pos in (("first", torch.zeros_like(last)), ("last", last)):
+                ret, err = r.returns.gather(1, pos), error.gather(1, pos)
+                sums.update({f"_ev{name}_r": ret.sum(), f"_ev{name}_rr": (ret**2).sum(), f"_ev{name}_e": err.sum(),
+                             f"_ev{name}_ee": (err**2).sum()})
         if r.key is not None:
             abs_adv = r.advantages.abs()
             sums["adv/abs_key"] = (abs_adv * r.key).sum()
@@ -742,6 +759,9 @@ class RLSystem(pl.LightningModule):
             out["value/mean"] = total["value/mean"] / tokens
             out["value/explained_variance"] = L.explained_variance_from_sums(
                 total["_ev_r"], total["_ev_rr"], total["_ev_e"], total["_ev_ee"], tokens)
+            for name in ("first", "last"):
+                out[f"value/explained_variance_{name}"] = L.explained_variance_from_sums(
+                    *(total[f"_ev{name}_{k}"] for k in ("r", "rr", "e", "ee")), n)
         if "adv/abs_key" in total:
             out["adv/abs_key"] = total["adv/abs_key"] / max(total["_key_tokens"], 1.0)
             out["adv/abs_other"] = total["adv/abs_other"] / max(tokens - total["_key_tokens"], 1.0)
