@@ -7,11 +7,11 @@ B = 32 responses per rollout batch (8 prompts x 4 samples for every algorithm, b
 uses TinyLM.
 
 For each algorithm, in one process, the real system is built by ``VRPOCLI(..., run=False)`` and trained by
-``trainer.fit`` for 1 warm-up + ``--iters`` rollout batches. Phases are timed by wrapping ``sample_responses`` (in
-the ``vrpo_pl.system`` namespace) and the system's ``_rollout``, ``_score`` and ``_optimizer_step`` (keyed by its
-``name``): generation; frozen passes = rollout minus generation (old log-probs, reference, guide targets, critic
-values); scoring; policy update; critic update; other = the rest of the iteration (advantages, metrics, Lightning's
-loop, data). An iteration is the time between consecutive ``on_train_batch_end`` calls.
+``trainer.fit`` for 1 warm-up + ``--iters`` rollout batches. Phases come from the system's own timer
+(``RLSystem.phase_seconds``, also logged as ``perf/*``), read by a callback after each rollout batch: generation;
+frozen passes = rollout minus generation (old log-probs, reference, guide targets, critic values); scoring; policy
+update; critic update; other = the rest of the iteration (advantages, metrics, Lightning's loop, data). An
+iteration is the time between consecutive ``on_train_batch_end`` calls.
 
 The lower bound replays each measured rollout batch without the framework: the same ``generate`` call on the same
 prompts for exactly the same number of new tokens (``min_new_tokens`` = the rollout's length), then the same forward
@@ -19,6 +19,13 @@ passes (policy unless its log-probs come from the sampler, reference, critic, in
 reward call, and the same forward/backward passes and optimizer steps of the update (same mini/micro-batch shapes,
 a plain clipped loss, no statistics), back to back. Reported: medians over the measured iterations, ratio = full
 iteration / lower bound (goal <= 1.15).
+
+The compute bound is what the machine's matrix units need for the step's arithmetic: FLOPs counted from the
+token counts of each pass (:func:`step_flops`: 2 x the body's parameters per token of every forward pass, 2 x more
+per token of every trained pass for the activation gradients, 2 x more again without LoRA for the weight
+gradients, the LM head only where logits are computed; attention scores and the tiny LoRA matrices are left out),
+divided by the matrix-multiply peak measured in the same run (:func:`matmul_peak`, fp32 and bf16; the one that
+matches ``--precision``). ``x bound`` = seconds per rollout batch / that time: the figure to drive down.
 
     python benchmarks/throughput.py                                   # CPU, SmolLM2, base size
     python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --size large --out runs/bench/tp.md
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -44,10 +52,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ["ppo", "grpo", "vrpo"]
@@ -76,7 +82,8 @@ def cli_args(algorithm: str, args: argparse.Namespace) -> list[str]:
            "--trainer.default_root_dir", tempfile.gettempdir(),
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
            "--trainer.callbacks", '[{"class_path": "vrpo_pl.callbacks.FrozenLMTargets"}]',
-           "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision, "--trainer.devices", "1"]
+           "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision, "--trainer.devices", "1",
+           "--model.dtype", args.dtype]
     if args.tiny:
         out += ["--data.source.init_args.path", str(REPO_ROOT / "configs" / "data" / "arithmetic.jsonl")]
     if args.model_path:
@@ -85,13 +92,9 @@ def cli_args(algorithm: str, args: argparse.Namespace) -> list[str]:
 
 
 def build_cli(algorithm: str, args: argparse.Namespace):
-    from vrpo_pl.cli import TRAINER_DEFAULTS, VRPOCLI
-    from vrpo_pl.data import PromptDataModule
-    from vrpo_pl.system import RLSystem
+    from vrpo_pl.cli import build_cli as build
 
-    with mock.patch.object(sys, "argv", ["vrpo"]):  # LightningCLI warns about sys.argv beside ``args``
-        return VRPOCLI(RLSystem, PromptDataModule, run=False, args=cli_args(algorithm, args),
-                       trainer_defaults=TRAINER_DEFAULTS, save_config_callback=None)
+    return build(cli_args(algorithm, args), save_config_callback=None)
 
 
 def _sync() -> None:
@@ -123,7 +126,7 @@ class PeakRSS:
 
 
 class PhaseTimer:
-    """Times the system's phases per rollout batch and keeps what the lower bound replays."""
+    """Reads the system's phase times and keeps what the lower bound replays, after each rollout batch."""
 
     def __init__(self) -> None:
         import lightning.pytorch as pl
@@ -131,68 +134,71 @@ class PhaseTimer:
         timer = self
 
         class _Callback(pl.Callback):
-            def on_train_batch_start(self, *args, **kwargs):
-                timer.current, timer.capture = defaultdict(float), {}
-
-            def on_train_batch_end(self, *args, **kwargs):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 _sync()
                 now = time.perf_counter()
                 if timer.last_end is not None:
-                    timer.iterations.append({**timer.current, "iteration": now - timer.last_end})
-                timer.captures.append(timer.capture)
+                    timer.iterations.append({**pl_module.phase_seconds, "iteration": now - timer.last_end})
+                timer.captures.append({"rollout": pl_module.last_rollout, "batch": batch})
                 timer.last_end = now
 
         self.callback = _Callback()
-        self.current: dict[str, float] = defaultdict(float)
-        self.capture: dict = {}
         self.captures: list[dict] = []
         self.iterations: list[dict[str, float]] = []
         self.last_end: float | None = None
 
-    @contextmanager
-    def phase(self, name: str):
+
+def matmul_peak(dtype_name: str, threads: int | None = None, device: str = "cpu") -> float:
+    """Measured matrix-multiply throughput in FLOP/s: a 2560x576 @ 576x1536 product (a SmolLM2-sized layer over
+    a micro-batch), best of 5 timings of 10 after a warm-up."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(2560, 576, dtype=dtype, device=device)
+    b = torch.randn(576, 1536, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(5):
         _sync()
         start = time.perf_counter()
-        yield
+        for _ in range(10):
+            a @ b
         _sync()
-        self.current[name] += time.perf_counter() - start
+        best = min(best, (time.perf_counter() - start) / 10)
+    return 2 * 2560 * 576 * 1536 / best
 
-    @contextmanager
-    def instrument(self, system):
-        """Wraps ``sample_responses`` and the system's phase methods (restored on exit)."""
-        import vrpo_pl.system as system_module
 
-        sample, rollout, score, step = (system_module.sample_responses, system._rollout, system._score,
-                                        system._optimizer_step)
+def step_flops(system, r) -> float:
+    """Matrix FLOPs one rollout batch needs: every pass's real (non-padding) tokens x 2 x the parameters it uses.
 
-        def timed_sample(policy, input_ids, attention_mask, settings, eos, pad, greedy=False, **kwargs):
-            self.capture.update(input_ids=input_ids, attention_mask=attention_mask, settings=settings, eos=eos,
-                                pad=pad)
-            with self.phase("generation"):
-                return sample(policy, input_ids, attention_mask, settings, eos, pad, greedy, **kwargs)
+    Body = the decoder's linear layers (the embedding lookup is no matmul); the LM head (vocabulary x hidden) counts
+    only where logits are computed. Trained passes add 2 x (body + head) per token for activation gradients and,
+    without LoRA, 2 x more for the weight gradients. Attention scores and LoRA's low-rank matrices are left out
+    (a few percent at these lengths).
+    """
+    import torch
 
-        def timed_rollout(batch):
-            with self.phase("rollout"):
-                result = rollout(batch)
-            self.capture.update(rollout=result, batch=batch)
-            return result
-
-        def timed_score(batch, r):
-            with self.phase("score"):
-                return score(batch, r)
-
-        def timed_step(name, *a, **k):
-            with self.phase(f"update_{name}"):
-                return step(name, *a, **k)
-
-        system_module.sample_responses = timed_sample
-        system._rollout, system._score, system._optimizer_step = timed_rollout, timed_score, timed_step
-        try:
-            yield
-        finally:
-            system_module.sample_responses = sample
-            for name in ("_rollout", "_score", "_optimizer_step"):
-                delattr(system, name)
+    config = system.policy.config
+    hidden, vocab = config.hidden_size, config.vocab_size
+    body = sum(m.weight.numel() for n, m in system.policy.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lora_" not in n and not n.endswith("lm_head"))
+    head = hidden * vocab
+    tokens = float(r.attention_mask.sum())  # prompt + response, per pass over the whole sequences
+    prompt = float(r.attention_mask[:, : r.prompt_width].sum())
+    response = float(r.mask.sum())
+    size = r.size
+    train_factor = 2.0 if system.lora_spec is not None else 4.0  # backward on top of the forward's 2
+    flops = 2 * body * prompt + 2 * head * size  # prefill, logits at the last prompt position
+    flops += 2 * (body + head) * response  # decode steps
+    frozen = 1 + (0 if system.generation.sampler_logprobs else 1)  # reference (+ the policy's own pass)
+    flops += frozen * 2 * (body * tokens + head * response)
+    epochs = system.ppo.epochs
+    flops += epochs * (2 + train_factor) * (body * tokens + head * response)  # policy update
+    if system.critic is not None:
+        critic_train = 2.0 if system.critic_lora_spec is not None else 4.0
+        flops += 2 * body * tokens + epochs * (2 + critic_train) * body * tokens  # values, update
+    return flops
 
 
 def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
@@ -201,8 +207,10 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
 
     from vrpo_pl.rewards.base import Completion
 
-    policy, critic, r, g = system.policy, system.critic, cap["rollout"], cap["settings"]
+    policy, critic, r, g = system.policy, system.critic, cap["rollout"], system.generation
     size, num = r.responses.shape
+    prompt_ids, prompt_mask = r.sequences[:, : r.prompt_width], r.attention_mask[:, : r.prompt_width]
+    eos, pad = system.tokenizer.eos_token_id, system.tokenizer.pad_token_id
     p, times = system.ppo, {}
 
     def passes(model, sl, **kw):
@@ -228,8 +236,8 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     reuse = g.sampler_logprobs  # the old log-probs come from the sampler's logits: no policy pass below
     with torch.no_grad():
         with timed("generation"):
-            out = policy.generate(input_ids=cap["input_ids"], attention_mask=cap["attention_mask"], max_new_tokens=num,
-                                  min_new_tokens=num, eos_token_id=cap["eos"], pad_token_id=cap["pad"], do_sample=True,
+            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=num,
+                                  min_new_tokens=num, eos_token_id=eos, pad_token_id=pad, do_sample=True,
                                   temperature=g.temperature, top_p=g.top_p, top_k=0, use_cache=True,
                                   output_logits=reuse, return_dict_in_generate=reuse)
             if reuse:
@@ -237,7 +245,7 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
                 [torch.log_softmax(x.float() / g.temperature, -1).gather(-1, new[:, t, None])
                  for t, x in enumerate(out.logits)]
                 out = out.sequences
-        assert out.shape[1] - cap["input_ids"].shape[1] == num, "the lower bound generated a different length"
+        assert out.shape[1] - r.prompt_width == num, "the lower bound generated a different length"
         chunk = p.micro_batch_size or p.mini_batch_size
         with timed("frozen"):
             for s in range(0, size, chunk):
@@ -315,7 +323,7 @@ def measure(algorithm: str, args: argparse.Namespace) -> dict:
     cuda = args.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss, timer.instrument(system), profiled(args) as prof:
+    with PeakRSS() as rss, profiled(args) as prof:
         trainer.fit(system, datamodule=cli.datamodule)
     if prof is not None:
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -334,6 +342,7 @@ def measure(algorithm: str, args: argparse.Namespace) -> dict:
             "update_policy": it.get("update_policy", 0.0), "update_critic": it.get("update_critic", 0.0),
             "other": it["iteration"] - it["rollout"] - it["score"] - it.get("update_policy", 0.0)
             - it.get("update_critic", 0.0)})
+    record["flops"] = statistics.median(step_flops(system, cap["rollout"]) for cap in timer.captures[1:])
     del cli, system, trainer, timer
     gc.collect()
     return record
@@ -393,17 +402,21 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-def report(records: list[dict], args: argparse.Namespace, header: str) -> str:
+def report(records: list[dict], args: argparse.Namespace, header: str, peaks: dict[str, float]) -> str:
+    peak_name = "bf16" if "bf16" in args.precision or args.dtype == "bfloat16" else "fp32"
     lines = [header, "",
+             f"Matrix-multiply peak measured in this run: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 "
+             f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s; the compute bound uses {peak_name}.", "",
              "| algorithm | s / rollout batch | generation | frozen passes | scoring | policy update | critic update "
-             "| other | lower bound | ratio | samples/s | tokens/s | gen tokens/s | peak memory |",
-             "|---|" + "---:|" * 13]
+             "| other | lower bound | ratio | samples/s | tokens/s | gen tokens/s | peak memory | TFLOP "
+             "| compute bound | x bound |",
+             "|---|" + "---:|" * 16]
     bound_lines = ["", "Lower bound (bare model calls, same shapes), seconds:", "",
                    "| algorithm | generation | frozen passes | scoring | policy update | critic update | total |",
                    "|---|" + "---:|" * 6]
     for rec in records:
         if "framework" not in rec:
-            lines.append(f"| {rec['algorithm']} (reference) |" + " |" * 12 + f" {_mb(rec['peak_bytes'])} |")
+            lines.append(f"| {rec['algorithm']} (reference) |" + " |" * 12 + f" {_mb(rec['peak_bytes'])} | | | |")
             continue
         fw, lb = rec["framework"], rec["bound"]
         for row in lb:
@@ -413,12 +426,16 @@ def report(records: list[dict], args: argparse.Namespace, header: str) -> str:
         cells = [f"{it:.3f}", *(f"{_median(fw, k):.3f}" for k in [*PHASES, "other"]), f"{bound:.3f}",
                  f"**{it / bound:.2f}**", f"{rec['samples'] / it:.1f}", f"{rec['tokens'] / it:.0f}",
                  f"{rec['tokens'] / gen:.0f}", _mb(rec["peak_bytes"])]
+        compute = rec["flops"] / peaks[peak_name]
+        cells += [f"{rec['flops'] / 1e12:.2f}", f"{compute:.3f}", f"**{it / compute:.1f}**"]
         lines.append(f"| {rec['algorithm']} | " + " | ".join(cells) + " |")
         bound_lines.append(f"| {rec['algorithm']} | " + " | ".join(f"{_median(lb, k):.3f}" for k in [*PHASES, "total"])
                            + " |")
     notes = ["", "Medians over the measured rollout batches (warm-up excluded). ratio = s / rollout batch divided by "
              "the lower bound (goal <= 1.15). tokens/s: response tokens per second of the whole iteration; gen "
-             "tokens/s: per second of generation. Peak memory: " + (
+             "tokens/s: per second of generation. TFLOP: the step's matrix arithmetic (benchmarks/throughput.py "
+             "step_flops); compute bound: TFLOP / the measured peak, in seconds; x bound: s / rollout batch over the "
+             "compute bound. Peak memory: " + (
                  "torch.cuda.max_memory_allocated." if args.accelerator in ("gpu", "cuda") else
                  "peak RSS of a fresh process per row." if args.isolate else
                  "peak RSS sampled during the run (one shared process)."), ""]
@@ -485,6 +502,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="PPO epochs")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                   help="weights' dtype (--model.dtype)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure each row in a fresh process (exact peak RSS on the CPU)")
@@ -531,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.prompts * args.samples} responses, {args.new_tokens} new tokens, {args.epochs} PPO epochs, "
               f"mini-batch {args.mini_batch}\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
               f"batches after 1 warm-up. Command: `python benchmarks/throughput.py {' '.join(argv)}`")
-    text = report(records, args, header)
+    peaks = {name: matmul_peak(name, device="cuda" if args.accelerator in ("gpu", "cuda") else "cpu")
+             for name in ("fp32", "bf16")}
+    text = report(records, args, header, peaks)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

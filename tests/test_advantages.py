@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from vrpo_pl.advantages import (
     RunningMoments,
+    compute_advantages,
     gae_advantages,
     group_normalize,
     masked_mean,
@@ -18,6 +19,7 @@ from vrpo_pl.advantages import (
     masked_var,
     masked_whiten,
     token_rewards,
+    transform_scores,
 )
 
 
@@ -346,3 +348,66 @@ def test_running_moments_state_dict_round_trip():
     b.update(nxt)
     assert b.state_dict() == a.state_dict()
     assert set(a.state_dict()) == {"mean", "var", "count"}
+
+
+# ------------------------------------------------------------------ the one entry point for every algorithm
+def _batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]])
+    kl = torch.rand(4, 4, generator=generator) * mask
+    values = torch.randn(4, 4, generator=generator) * mask
+    scores = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    return scores, kl, values, mask
+
+
+def test_compute_advantages_gae_is_token_rewards_then_gae_then_whitening():
+    scores, kl, values, mask = _batch()
+    rewards = token_rewards(scores, kl, mask, 0.1)
+    raw, returns = gae_advantages(rewards, values, mask, 1.0, 0.9)
+    advantages, got_returns = compute_advantages("gae", scores, kl, mask, kl_coef=0.1, values=values, lam=0.9)
+    assert_close(advantages, masked_whiten(raw, mask))
+    assert_close(got_returns, returns)
+    unwhitened, _ = compute_advantages("gae", scores, kl, mask, kl_coef=0.1, values=values, lam=0.9, whiten=False)
+    assert_close(unwhitened, raw)
+    no_kl, _ = compute_advantages("gae", scores, kl, mask, kl_coef=0.1, kl_in_reward=False, values=values,
+                                  whiten=False)
+    assert_close(no_kl, gae_advantages(token_rewards(scores, torch.zeros_like(kl), mask, 0.1), values, mask)[0])
+
+
+def test_compute_advantages_group_normalizes_the_penalized_score_once():
+    scores, kl, _, mask = _batch()
+    group = torch.tensor([0, 0, 1, 1])
+    advantages, returns = compute_advantages("group", scores, kl, mask, kl_coef=0.5, group=group)
+    expected = group_normalize(scores - 0.5 * kl.sum(1), group)[:, None] * mask
+    assert returns is None
+    assert_close(advantages, expected)
+    in_loss, _ = compute_advantages("group", scores, kl, mask, kl_coef=0.5, kl_in_reward=False, group=group)
+    assert_close(in_loss, group_normalize(scores, group)[:, None] * mask)
+
+
+def test_compute_advantages_refuses_missing_inputs():
+    scores, kl, _, mask = _batch()
+    with pytest.raises(ValueError, match="needs the critic's `values`"):
+        compute_advantages("gae", scores, kl, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match="needs the prompt ids `group`"):
+        compute_advantages("group", scores, kl, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        compute_advantages("vtrace", scores, kl, mask, kl_coef=0.1)
+
+
+def test_masked_whiten_over_fake_ranks_equals_whitening_the_global_batch():
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(5))
+    mask = (torch.rand(6, 5, generator=torch.Generator().manual_seed(6)) > 0.3).float()
+    parts = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+    moments = [torch.stack([(a * m).sum(), (a * a * m).sum(), m.sum()]) for a, m in parts]
+    total = moments[0] + moments[1]
+    sharded = torch.cat([masked_whiten(a, m, reduce=lambda _: total) for a, m in parts])
+    assert_close(sharded, masked_whiten(x, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_transform_scores_normalizes_then_clips():
+    moments = RunningMoments()
+    moments.update(torch.tensor([0.0, 2.0]))
+    assert_close(transform_scores(torch.tensor([0.0, 2.0, 10.0]), moments), torch.tensor([-1.0, 1.0, 9.0]))
+    assert_close(transform_scores(torch.tensor([0.0, 2.0, 10.0]), moments, clip=2.0), torch.tensor([-1.0, 1.0, 2.0]))
+    assert_close(transform_scores(torch.tensor([0.5, -4.0])), torch.tensor([0.5, -4.0]))

@@ -611,3 +611,69 @@ def test_summable_correlation_and_explained_variance_match_the_tensor_versions()
     assert abs(ev - float(losses.explained_variance(v, r, mask))) < 1e-6
     constant = {"x": 50.0, "y": float(y.sum()), "xx": 50.0, "yy": float((y * y).sum()), "xy": float(y.sum())}
     assert losses.correlation_from_sums(constant, 50.0) == 0.0, "a constant has no correlation"
+
+
+# ------------------------------------------------------------------ the objectives the update assembles
+def _policy_inputs(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 4, 11, generator=generator)
+    tokens = torch.randint(0, 11, (3, 4), generator=generator)
+    old = losses.logprobs_from_logits(logits, tokens) + 0.1 * torch.randn(3, 4, generator=generator)
+    advantages = torch.randn(3, 4, generator=generator)
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    return logits, tokens, old, advantages, mask
+
+
+def test_logprobs_and_entropy_match_the_separate_functions():
+    logits, tokens, *_ = _policy_inputs()
+    logp, entropy = losses.logprobs_and_entropy(logits, tokens, temperature=0.7)
+    torch.testing.assert_close(logp, losses.logprobs_from_logits(logits / 0.7, tokens))
+    torch.testing.assert_close(entropy, losses.token_entropy(logits / 0.7))
+    assert not entropy.requires_grad
+
+
+def test_policy_objective_is_the_clipped_surrogate_plus_its_terms():
+    logits, tokens, old, advantages, mask = _policy_inputs()
+    logits.requires_grad_(True)
+    logp, entropy = losses.logprobs_and_entropy(logits, tokens, entropy_grad=True)
+    ref = old - 0.2
+    loss, stats = losses.policy_objective(logp, entropy, old, advantages, mask, entropy_coef=0.01, ref_logp=ref,
+                                          kl_coef=0.1, kl_estimator="k3")
+    per_token, clipped, ratio = losses.clipped_policy_loss(logp, old, advantages)
+    expected = (losses.aggregate(per_token, mask) - 0.01 * losses.aggregate(entropy, mask)
+                + 0.1 * losses.aggregate(losses.kl_estimate(logp, ref, "k3"), mask))
+    torch.testing.assert_close(loss, expected)
+    assert set(stats) == {"loss/policy", "loss/kl", "policy/clipfrac", "policy/approx_kl", "policy/entropy",
+                          "policy/ratio_mean"}
+    torch.testing.assert_close(stats["policy/ratio_mean"], ratio.detach())
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    plain, plain_stats = losses.policy_objective(logp.detach(), entropy.detach(), old, advantages, mask)
+    assert "loss/kl" not in plain_stats
+    torch.testing.assert_close(plain, losses.aggregate(per_token.detach(), mask))
+
+
+@pytest.mark.parametrize("aux", ["predict", "weight", "none"])
+def test_critic_objective_sums_value_vib_and_auxiliary_terms(aux):
+    generator = torch.Generator().manual_seed(1)
+    values, old, returns = (torch.randn(3, 4, generator=generator) for _ in range(3))
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    mu, logvar = torch.randn(3, 4, 5, generator=generator), torch.randn(3, 4, 5, generator=generator)
+    predictions, targets = torch.randn(3, 4, 2, generator=generator), torch.randn(3, 4, 2, generator=generator)
+    key = (torch.rand(3, 4, generator=generator) > 0.5).float() * mask
+    loss, stats, correlations = losses.critic_objective(
+        values, old, returns, mask, value_clip=0.2, mu=mu, logvar=logvar, beta=1e-3, aux=aux,
+        aux_predictions=predictions, aux_targets=targets, aux_coef=0.1, key=key, key_alpha=2.0)
+    value_loss, clipped = losses.clipped_value_loss(values, old, returns, 0.2)
+    if aux == "weight":
+        value_loss = value_loss * (1 + 2.0 * key)
+    expected = losses.aggregate(value_loss, mask) + 1e-3 * losses.aggregate(losses.vib_kl(mu, logvar), mask)
+    if aux == "predict":
+        expected = expected + 0.1 * losses.aggregate(losses.aux_predict_loss(predictions, targets), mask)
+    torch.testing.assert_close(loss, expected)
+    assert {"loss/value", "value/clipfrac", "loss/vib_kl", "vib/sigma"} <= set(stats)
+    assert ("loss/aux" in stats) == (aux != "none")
+    assert set(correlations) == ({"aux/corr_entropy", "aux/corr_surprisal"} if aux == "predict" else set())
+    if aux == "predict":
+        x, y = correlations["aux/corr_entropy"]
+        assert x.shape == y.shape == (int(mask.sum()),)

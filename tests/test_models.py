@@ -47,7 +47,7 @@ def test_plain_value_head_starts_near_zero_on_large_hidden_states():
     """A transformer's last hidden state has a large norm (here 5 per dimension, ~120 in all at H=576); the plain
     head's first values must still sit at the scale of 0/1 rewards, or the critic starts with a very negative
     explained variance (measured: -3.3 on SmolLM2 with std 1/sqrt(H+1))."""
-    from vrpo_pl.models import ValueHead
+    from vrpo_pl.critic import ValueHead
 
     torch.manual_seed(0)
     hidden = 5.0 * torch.randn(64, 10, 576)
@@ -67,15 +67,16 @@ def _smollm2_like_hidden(batch: int = 64, length: int = 10, size: int = 576) -> 
 @pytest.mark.parametrize("vib", [False, True])
 @pytest.mark.parametrize("normalize_values", [False, True])
 def test_value_heads_start_within_the_reward_scale(vib, normalize_values):
-    """Both heads' first values sit within a few hundredths of 0 (std < 0.06) on hidden states of SmolLM2's norm; before the input
-    LayerNorm the VIB head's spread over +-0.4 and its KL started at 136 nats per token."""
+    """Both heads' first values sit within a few hundredths of 0 (std < 0.06) on hidden states of SmolLM2's norm;
+    before the input LayerNorm the VIB head's spread over +-0.4 and its KL started at 136 nats per token."""
+    from vrpo_pl.critic import ValueHead
     from vrpo_pl.losses import vib_kl
-    from vrpo_pl.models import ValueHead
 
     torch.manual_seed(0)
     head = ValueHead(576, vib=vib, normalize_values=normalize_values)
     out = head(_smollm2_like_hidden())
-    assert out.values.std() < 0.06 and out.values.mean().abs() < 0.05, (float(out.values.mean()), float(out.values.std()))
+    mean, std = float(out.values.mean()), float(out.values.std())
+    assert std < 0.06 and abs(mean) < 0.05, (mean, std)
     assert out.values.abs().max() < 0.25, float(out.values.abs().max())
     if vib:
         kl = vib_kl(out.mu, out.logvar).mean()
@@ -84,7 +85,7 @@ def test_value_heads_start_within_the_reward_scale(vib, normalize_values):
 
 
 def test_vib_rollout_values_average_the_decoder_over_fixed_antithetic_draws():
-    from vrpo_pl.models import ValueHead
+    from vrpo_pl.critic import ValueHead
 
     torch.manual_seed(0)
     head = ValueHead(32, vib=True, latent_dim=4, decoder_hidden=8, value_samples=6)
@@ -101,7 +102,7 @@ def test_vib_rollout_values_average_the_decoder_over_fixed_antithetic_draws():
 
 
 def test_return_normalizer_merges_batches_and_round_trips():
-    from vrpo_pl.models import ReturnNormalizer
+    from vrpo_pl.critic import ReturnNormalizer
 
     x = torch.randn(1000, dtype=torch.float64) * 3 + 2
     norm = ReturnNormalizer()
@@ -118,8 +119,8 @@ def test_vib_critic_fits_a_regression_on_fixed_features():
     """On fixed SmolLM2-scale features whose target is a noisy nonlinear function of a few dimensions, the VIB head
     trained as in PPO's critic update (sampled z, KL weight beta = 1e-3, AdamW lr 1e-3, mini-batches of 16 x 10
     tokens) reaches an explained variance of 0.5 on held-out features within 150 steps."""
+    from vrpo_pl.critic import ValueHead
     from vrpo_pl.losses import explained_variance, vib_kl
-    from vrpo_pl.models import ValueHead
 
     torch.manual_seed(0)
     hidden = _smollm2_like_hidden(batch=640)
@@ -129,7 +130,7 @@ def test_vib_critic_fits_a_regression_on_fixed_features():
     head = ValueHead(576, vib=True)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(1)
-    for step in range(150):
+    for _ in range(150):
         idx = torch.randint(0, 512, (16,), generator=generator)
         out = head(hidden[idx], sample=True, generator=generator)
         loss = 0.5 * (out.values - target[idx]).pow(2).mean() + 1e-3 * vib_kl(out.mu, out.logvar).mean()

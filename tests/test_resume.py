@@ -22,8 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 N = 4
 LORA = ["--model.lora", "{r: 4, alpha: 8}", "--model.critic_lora", "{r: 4, alpha: 8}"]
 # tiny.yaml is VRPO with reward noise, the adaptive KL controller and the guide's running moments; normalizing the
-# reward adds the running reward statistics to what must come back.
-STATEFUL = ["--model.rewards.normalize", "true"]
+# reward and the value targets adds the running reward and return statistics to what must come back.
+STATEFUL = ["--model.rewards.normalize", "true", "--model.critic.normalize_values", "true"]
 
 
 def checkpoint_args(directory: Path, every: int = 1) -> list[str]:
@@ -57,6 +57,7 @@ def _rl_state(cli) -> dict[str, object]:
         "records_consumed": cli.datamodule.state_dict()["records_consumed"],
         "reward_generator": model.reward.state_dict(),
         "shuffle_generator": model._shuffle_gen.get_state(),
+        "return_statistics": {k: v.clone() for k, v in model.critic.head.return_norm.state_dict().items()},
     }
 
 
@@ -115,7 +116,8 @@ def test_checkpoint_holds_trainable_weights_and_the_rl_state(resume_runs):
     checkpoint = torch.load(resume_runs.root / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     model = resume_runs.first.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert set(checkpoint["state_dict"]) == trainable, "only what trains is saved; frozen weights are rebuilt"
+    head_state = {f"critic.head.{n}" for n in model.critic.head.state_dict()}  # + persistent buffers (statistics)
+    assert set(checkpoint["state_dict"]) == trainable | head_state, "only what trains is saved; frozen is rebuilt"
     if resume_runs.kind == "lora":
         assert all("lora_" in n or n.startswith("critic.head.") for n in checkpoint["state_dict"])
     assert len(checkpoint["optimizer_states"]) == 2  # policy and critic
@@ -128,6 +130,7 @@ def test_checkpoint_holds_trainable_weights_and_the_rl_state(resume_runs):
                 "numpy_rng", "fingerprint", "nonfinite_in_row"):
         assert key in state, key
     assert state["reward_moments"]["count"] > 0
+    assert float(checkpoint["state_dict"]["critic.head.return_norm.count"]) > 0  # the return statistics
 
 
 # ------------------------------------------------------------------ atomic checkpoint files and kill -9

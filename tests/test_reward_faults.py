@@ -60,3 +60,23 @@ def test_raising_reward_during_validation_is_named_too(run_cli, tmp_path):
     cli = _with_reward(run_cli(tmp_path, run=False, max_steps=1), Raising())
     with pytest.raises(RuntimeError, match=r"the reward Raising raised on .*validation.*KeyError"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+class OneScoreShort(RewardFunction):
+    """A reward that drops the last completion's score."""
+
+    def score(self, completions):
+        return RewardScores(train=torch.zeros(len(completions) - 1))
+
+
+def test_call_reward_refuses_the_wrong_number_of_scores():
+    from vrpo_pl.rewards.base import Completion, RewardError, call_reward
+
+    batch = [Completion(prompt="1+1=", response="2", answer="2"), Completion(prompt="2+2=", response="5", answer="4")]
+    with pytest.raises(RewardError, match=r"OneScoreShort returned train scores of shape \(1,\) for 2 completions"):
+        call_reward(OneScoreShort(), batch, "rollout batch 0")
+    with pytest.raises(RewardError, match="the reward Raising raised on rollout batch 0 .*KeyError"):
+        call_reward(Raising(), batch, "rollout batch 0")
+    result = call_reward(NumericVerifier(), batch, "rollout batch 0")
+    assert result.train.tolist() == [1.0, 0.0] and result.train.dtype == torch.float32
+    assert call_reward(NumericVerifier(), batch, "validation", gold_only=True).tolist() == [1.0, 0.0]

@@ -1,13 +1,21 @@
 """Advantage estimation and normalization: pure functions of tensors (torch only, no Lightning).
 
+:func:`compute_advantages` is the one entry point from rewards to advantages for every algorithm (PPO/VRPO: KL in
+the reward, GAE, whitening; GRPO: group normalization); the training step and the key-token view both call it.
+
 Shapes use the project's letters: B rollout batch (sequences), A response tokens. ``mask`` is (B, A) with 1 on
 response tokens and 0 on padding after the end of a response.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Literal
+
 import torch
 from torch import Tensor
+
+AdvantageEstimator = Literal["gae", "group"]
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -34,7 +42,10 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Standardizes ``x`` to unit variance over masked positions; padding is returned as 0.
 
     Args:
@@ -42,11 +53,20 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
         mask: (B, A) 1 on response tokens.
         shift_mean: subtract the mean (True) or only divide by the standard deviation (False).
         eps: added to the variance.
+        reduce: sums a (3,) tensor of moments over data-parallel ranks (e.g.
+            :func:`vrpo_pl.distributed.all_reduce_sum`), so that the mean and variance are the global batch's;
+            None: this batch's.
 
     Returns:
         (B, A) whitened values.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        moments = reduce(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]))
+        n = moments[2].clamp(min=2)
+        mean = moments[0] / n
+        var = (moments[1] / n - mean**2).clamp(min=0) * n / (n - 1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -140,6 +160,65 @@ def token_rewards(
     rewards = -kl_coef * kl * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def transform_scores(scores: Tensor, moments: RunningMoments | None = None, clip: float | None = None) -> Tensor:
+    """The training reward as advantages see it: standardized with running ``moments`` (already updated with this
+    batch; None: as is), then clipped to [-clip, clip] (None: not clipped). Shape: (B,).
+
+    >>> transform_scores(torch.tensor([3.0, -3.0]), clip=1.0)
+    tensor([ 1., -1.])
+    """
+    if moments is not None:
+        scores = (scores - moments.mean) / max(moments.std, 1e-6)
+    return scores if clip is None else scores.clamp(-clip, clip)
+
+
+def compute_advantages(
+    estimator: AdvantageEstimator, scores: Tensor, kl: Tensor, mask: Tensor, *, kl_coef: float,
+    kl_in_reward: bool = True, values: Tensor | None = None, group: Tensor | None = None, gamma: float = 1.0,
+    lam: float = 0.95, whiten: bool = True, scale_by_std: bool = True,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Rewards to advantages, for every algorithm.
+
+    - ``gae`` (PPO, VRPO): per-token rewards r_t = -kl_coef * kl_t (when ``kl_in_reward``) plus the score at the
+      last token, GAE against ``values``, then (``whiten``) standardization over the batch.
+    - ``group`` (GRPO): each sequence's score minus kl_coef times its summed KL (when ``kl_in_reward``), normalized
+      within its prompt's ``group`` once, broadcast to every response token.
+
+    Args:
+        estimator: ``gae`` or ``group``.
+        scores: (B,) training rewards (after any normalization and clipping).
+        kl: (B, A) per-token KL estimates to the reference (zero on padding).
+        mask: (B, A) response mask.
+        kl_coef: KL coefficient.
+        kl_in_reward: subtract the KL from the rewards (False: it is a loss term instead).
+        values: (B, A) V(s_t), for ``gae``.
+        group: (B,) prompt ids, for ``group``.
+        gamma: GAE discount.
+        lam: GAE lambda.
+        whiten: standardize GAE advantages (``gae`` only).
+        scale_by_std: divide by the group's std (``group``; False is Dr. GRPO).
+        reduce: sums moments over ranks for the whitening (see :func:`masked_whiten`).
+
+    Returns:
+        ``(advantages, returns)``: (B, A) each; returns are None for ``group`` (no critic).
+    """
+    if estimator == "group":
+        if group is None:
+            raise ValueError("compute_advantages('group', ...) needs the prompt ids `group`")
+        per_seq = scores - kl_coef * kl.sum(1) if kl_in_reward else scores
+        return group_normalize(per_seq, group, scale_by_std=scale_by_std)[:, None] * mask, None
+    if estimator != "gae":
+        raise ValueError(f"unknown advantage estimator {estimator!r}; use 'gae' or 'group'")
+    if values is None:
+        raise ValueError("compute_advantages('gae', ...) needs the critic's `values`")
+    rewards = token_rewards(scores, kl if kl_in_reward else torch.zeros_like(kl), mask, kl_coef)
+    advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)
+    if whiten:
+        advantages = masked_whiten(advantages, mask, reduce=reduce)
+    return advantages, returns
 
 
 class RunningMoments:

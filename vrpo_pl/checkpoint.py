@@ -12,6 +12,10 @@ the data module's stream position, the callbacks' states (KL controller, guide r
 ``vrpo`` section with the rollout counter, KL coefficient, running reward statistics, the reward function's and
 the update's random generators, the global torch RNG and a fingerprint of the configuration.
 
+The ``vrpo`` section's pieces live here: :func:`rng_states` / :func:`restore_rng_states` (torch, CUDA, Python,
+NumPy) and :func:`config_fingerprint` / :func:`check_fingerprint` (what a checkpoint's weights must agree with, and
+the message that refuses one that does not).
+
 Limits: remote paths (``s3://``, ...) are written by Lightning's own ``TorchCheckpointIO`` (not atomic), and so
 are FSDP2's sharded checkpoint directories (``FSDP2Strategy(save_distributed_checkpoint=True)``), which do not go
 through a ``CheckpointIO``.
@@ -20,11 +24,16 @@ through a ``CheckpointIO``.
 from __future__ import annotations
 
 import errno
+import hashlib
+import math
 import os
+import random
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -113,3 +122,60 @@ def _save_error_message(path: Path, error: OSError) -> str:
         what = f"could not write checkpoint {str(path)!r} ({error.strerror or error})"
         todo = f"check that {str(path.parent)!r} is writable, then resume from the last complete one with --ckpt_path"
     return f"{what}. The checkpoint previously at that path (if any) is intact; {todo}."
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """The global random states a rollout can draw from: torch (sampling), CUDA, Python, NumPy.
+
+    NumPy's state is stored as a tensor and plain numbers: Lightning loads checkpoints with ``weights_only=True``,
+    which rejects ndarrays.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_rng = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    states = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "numpy_rng": numpy_rng}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(state: dict[str, Any], device: torch.device) -> None:
+    """Restores what :func:`rng_states` saved (states a checkpoint lacks are left as they are)."""
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("python_rng") is not None:
+        random.setstate(state["python_rng"])
+    if state.get("numpy_rng") is not None:
+        kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if state.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def config_fingerprint(settings: dict[str, Any], trainable: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """What a checkpoint's weights must agree with: the given settings (algorithm, critic head, ...) and the names,
+    number and total size of the trainable tensors."""
+    shapes = {name: tuple(t.shape) for name, t in trainable}
+    names = hashlib.sha1("\n".join(sorted(shapes)).encode()).hexdigest()[:12]
+    return {**settings, "trainable": len(shapes), "trainable_numel": sum(math.prod(s) for s in shapes.values()),
+            "trainable_names": names}
+
+
+def check_fingerprint(expected: dict[str, Any], found: dict[str, Any], where: str = "") -> None:
+    """Refuses a checkpoint whose fingerprint differs from the configuration's.
+
+    Args:
+        expected: :func:`config_fingerprint` of the configuration being resumed.
+        found: the one saved in the checkpoint.
+        where: the checkpoint's path, for the message.
+
+    Raises:
+        ValueError: naming what differs and how to resume.
+    """
+    diff = sorted((key, found[key], expected[key]) for key in expected.keys() & found.keys()
+                  if expected[key] != found[key])
+    if diff:
+        changes = ", ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in diff[:6])
+        raise ValueError(
+            f"the checkpoint{' ' + repr(where) if where else ''} comes from an incompatible configuration (algorithm, "
+            f"model, LoRA or critic head differ): {changes}. Resume with the configuration it was written with (its "
+            "config.yaml beside the logs), or start a new run without --ckpt_path."
+        )

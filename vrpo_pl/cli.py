@@ -18,6 +18,7 @@ e.g. ``vrpo fit --model.reward.help vrpo_pl.rewards.SymmetricFlip``.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import jsonargparse
@@ -59,6 +60,18 @@ def _setting_name(value) -> str:
     if value is None or isinstance(value, str):
         return value or "auto"
     return getattr(value, "class_path", None) or type(value).__name__
+
+
+def build_cli(args: list[str], **kwargs) -> VRPOCLI:
+    """The CLI parsed from ``args`` alone, without running a subcommand (for export and the benchmarks).
+
+    ``sys.argv`` is set aside while parsing: LightningCLI warns when it holds arguments beside ``args``.
+    """
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return VRPOCLI(RLSystem, PromptDataModule, run=False, args=args, trainer_defaults=TRAINER_DEFAULTS, **kwargs)
+    finally:
+        sys.argv = argv
 
 
 def cli(args: list[str] | None = None) -> VRPOCLI:

@@ -13,6 +13,11 @@
   GPUs (nccl). Checkpoints are one file by default (see :class:`FSDP2Strategy`).
 - ``fsdp`` (FSDP1, Lightning's ``FSDPStrategy``): GPUs only; refused on CPU by :func:`check_strategy`.
 
+Where ranks meet (every collective of a training step is here): :func:`all_reduce_sum` (loss denominators,
+metrics, advantage whitening, the non-finite vote), :func:`all_gather_flat` (running reward statistics),
+:func:`no_ddp_sync` and :func:`average_gradients` (DDP: one gradient all-reduce per optimizer step),
+:func:`clip_grad_norm` (the global norm, also of FSDP2's sharded gradients) and :func:`shard_trainable_models`.
+
 Frozen models stay out of optimizers and are not sharded: the full fine-tuning reference copy, the separate
 guide LM of ``FrozenLMTargets`` and a reward model are replicated on every process. With LoRA the reference is the
 adapter-disabled policy, whose frozen base weights are sharded with the adapters that need them.
@@ -23,14 +28,18 @@ environment Lightning detects); each node runs ``--trainer.devices`` processes. 
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
-from torch import nn
+from torch import Tensor, nn
 
 FSDP2_FLAG = "--trainer.strategy fsdp2"
 """The command-line flag that selects FSDP2 (see :class:`FSDP2Strategy`)."""
@@ -202,6 +211,88 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
     # with a single process).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w+\) returned a view tensor")
     return model
+
+
+def world_size() -> int:
+    """Processes in the default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over all ranks (a new tensor; ``tensor`` itself when there is one process)."""
+    if world_size() == 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_flat(tensor: Tensor) -> Tensor:
+    """Every rank's ``tensor`` (the same shape on all ranks), concatenated flat in rank order."""
+    if world_size() == 1:
+        return tensor.flatten()
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat([p.flatten() for p in parts])
+
+
+@contextmanager
+def no_ddp_sync(wrapper: nn.Module | None) -> Iterator[None]:
+    """Keeps DDP from reducing gradients on each backward; :func:`average_gradients` reduces once per step.
+
+    One training step runs many backward passes through two models, which DDP's reducer (one backward per forward)
+    does not allow. ``wrapper``: the strategy's wrapped module (``trainer.model``); anything but DDP is a no-op.
+    """
+    with wrapper.no_sync() if isinstance(wrapper, nn.parallel.DistributedDataParallel) else nullcontext():
+        yield
+
+
+def average_gradients(wrapper: nn.Module | None, params: list[nn.Parameter]) -> None:
+    """Averages gradients over data-parallel ranks in one all-reduce under DDP (``wrapper``, the strategy's wrapped
+    module, is a ``DistributedDataParallel``); a no-op otherwise (FSDP2 reduce-scatters its own in backward).
+
+    Every gradient, flattened, plus one presence flag per parameter: a parameter that got no gradient on some rank
+    counts as zero there and still gets the average everywhere, so the replicas take the same optimizer step (the
+    buffers line up because every rank lists the same parameters).
+    """
+    ranks = world_size()
+    if not isinstance(wrapper, nn.parallel.DistributedDataParallel) or ranks == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    present = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([*(g.flatten().to(present.dtype) for g in grads), present])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat[: -len(params)] /= ranks
+    offset = 0
+    for p, g, anywhere in zip(params, grads, flat[-len(params) :].tolist(), strict=True):
+        if anywhere > 0:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            p.grad = g
+        offset += g.numel()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> Tensor:
+    """Clips the global gradient norm to ``max_norm`` (None: no clipping) and returns the norm before clipping as a
+    plain tensor, also for FSDP2's DTensor gradients."""
+    return full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf))
+
+
+def shard_trainable_models(mesh, *models: nn.Module | None) -> None:
+    """FSDP2: ``fully_shard`` each trainable model over the mesh's data-parallel dimension (frozen copies stay whole).
+
+    Raises:
+        ValueError: a mesh with tensor parallelism (no plan for Hugging Face models).
+    """
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "tensor parallelism is not supported (no plan for Hugging Face models): use --trainer.strategy fsdp2, "
+            "which makes every process data-parallel"
+        )
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+    for model in models:
+        if model is not None:
+            shard_model(model, dp_mesh)
 
 
 def full_norm(norm: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from vrpo_pl.models import ValueHead, ValueModel
+from vrpo_pl.critic import ValueHead, ValueModel
 
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_CONFIG = "value_head.json"
@@ -123,11 +121,7 @@ def load_trained_system(config_args: list[str], ckpt_path: str | Path):
     The trainer is forced to one CPU process (nothing is launched); the checkpoint's fingerprint is checked
     against the configuration as when resuming.
     """
-    from unittest import mock
-
-    from vrpo_pl.cli import TRAINER_DEFAULTS, VRPOCLI
-    from vrpo_pl.data import PromptDataModule
-    from vrpo_pl.system import RLSystem
+    from vrpo_pl.cli import build_cli
 
     ckpt_path = Path(ckpt_path)
     if ckpt_path.is_dir():
@@ -139,9 +133,7 @@ def load_trained_system(config_args: list[str], ckpt_path: str | Path):
         raise FileNotFoundError(f"--ckpt_path {str(ckpt_path)!r} does not exist")
     single = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
               "--trainer.strategy", "auto"]
-    with mock.patch.object(sys, "argv", ["vrpo"]):
-        cli = VRPOCLI(RLSystem, PromptDataModule, run=False, args=[*config_args, *single],
-                      trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True})
+    cli = build_cli([*config_args, *single], save_config_kwargs={"overwrite": True})
     system = cli.model
     system.configure_model()
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)

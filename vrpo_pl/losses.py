@@ -269,3 +269,137 @@ def explained_variance_from_sums(r: float, rr: float, e: float, ee: float, n: fl
     var_r = rr / n - (r / n) ** 2
     var_e = ee / n - (e / n) ** 2
     return 1.0 - var_e / var_r if var_r > 1e-12 else 0.0
+
+
+# ------------------------------------------------------------------------------------------ objectives
+# The policy's and the critic's losses as the update computes them, from tensors in hand. Each returns the scalar
+# loss and its per-token statistics (B, A), which the caller averages over tokens (vrpo_pl.metrics).
+
+
+def logprobs_and_entropy(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, entropy_grad: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of ``tokens`` and the entropy of each next-token distribution under logits / temperature.
+
+    Args:
+        logits: (B, A, V) next-token logits aligned with ``tokens``.
+        tokens: (B, A).
+        temperature: the sampling temperature (the distribution the tokens were drawn from).
+        entropy_grad: keep the entropy's graph (an entropy bonus); else it is computed without gradient.
+
+    Returns:
+        ``(logp, entropy)``: (B, A) each, float32, in nats.
+    """
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def policy_objective(
+    logp: Tensor, entropy: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_eps: float = 0.2,
+    entropy_coef: float = 0.0, ref_logp: Tensor | None = None, kl_coef: float = 0.0,
+    kl_estimator: KLEstimator = "k3", aggregation: LossAggregation = "token_mean", num_tokens: float | None = None,
+    num_seqs: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate, minus an optional entropy bonus, plus an optional KL-to-reference term ("KL in the
+    loss", with ``ref_logp``).
+
+    Args:
+        logp: (B, A) log pi_theta of the sampled tokens (with gradient), e.g. from :func:`logprobs_and_entropy`.
+        entropy: (B, A) the policy's per-token entropy (with gradient when ``entropy_coef`` > 0).
+        old_logp: (B, A) log pi_old from the rollout.
+        advantages: (B, A).
+        mask: (B, A) response mask.
+        clip_eps: ratio clip range.
+        entropy_coef: entropy bonus weight.
+        ref_logp: (B, A) log pi_ref for the KL term; None: no KL in the loss.
+        kl_coef: weight of the KL term.
+        kl_estimator: k1, k2 or k3 (:func:`kl_estimate`).
+        aggregation, num_tokens, num_seqs: see :func:`aggregate`.
+
+    Returns:
+        ``(loss, stats)``: the scalar loss and (B, A) per-token statistics ``loss/policy``, ``policy/clipfrac``,
+        ``policy/approx_kl``, ``policy/entropy``, ``policy/ratio_mean`` and, with ``ref_logp``, ``loss/kl``.
+    """
+    per_token, clipped, ratio = clipped_policy_loss(logp, old_logp, advantages, clip_eps)
+    agg = dict(mask=mask, mode=aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+    loss = aggregate(per_token, **agg)
+    if entropy_coef > 0:
+        loss = loss - entropy_coef * aggregate(entropy, **agg)
+    stats = {"loss/policy": per_token.detach()}
+    if ref_logp is not None:
+        kl = kl_estimate(logp, ref_logp, kl_estimator)
+        loss = loss + kl_coef * aggregate(kl, **agg)
+        stats["loss/kl"] = kl.detach()
+    stats.update({
+        "policy/clipfrac": clipped,
+        "policy/approx_kl": kl_estimate(old_logp, logp.detach(), "k3"),
+        "policy/entropy": entropy.detach(),
+        "policy/ratio_mean": ratio.detach(),
+    })
+    return loss, stats
+
+
+AuxiliaryForm = Literal["predict", "weight", "none"]
+
+
+def critic_objective(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, value_clip: float | None = 0.2,
+    mu: Tensor | None = None, logvar: Tensor | None = None, beta: float = 0.0, aux: AuxiliaryForm = "none",
+    aux_predictions: Tensor | None = None, aux_targets: Tensor | None = None, aux_coef: float = 0.0,
+    key: Tensor | None = None, key_alpha: float = 1.0, aux_key_only: bool = False,
+    aggregation: LossAggregation = "token_mean", num_tokens: float | None = None, num_seqs: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """The critic's loss: clipped value regression + beta * VIB KL + aux_coef * the auxiliary loss (VRPO).
+
+    Values, old values and returns come in the units the regression uses (standardized when the head normalizes
+    its targets).
+
+    Args:
+        values: (B, A) new predictions (with gradient).
+        old_values: (B, A) the rollout's values.
+        returns: (B, A) regression targets.
+        mask: (B, A) response mask.
+        value_clip: clip range around ``old_values`` (None: plain MSE).
+        mu, logvar: (B, A, Z) the VIB posterior (None: no VIB term).
+        beta: VIB KL weight.
+        aux: ``predict`` (regress the guide targets from z), ``weight`` (value loss weighted 1 + key_alpha on key
+            tokens) or ``none``.
+        aux_predictions: (B, A, K) the auxiliary heads' outputs (``predict``).
+        aux_targets: (B, A, K) the standardized guide targets (``predict``).
+        aux_coef: weight of the ``predict`` loss.
+        key: (B, A) key-token marks (``weight``; ``predict`` with ``aux_key_only``).
+        key_alpha: the ``weight`` form's extra weight on key tokens.
+        aux_key_only: ``predict`` on key tokens only.
+        aggregation, num_tokens, num_seqs: see :func:`aggregate`.
+
+    Returns:
+        ``(loss, stats, correlations)``: the scalar loss; (B, A) per-token statistics ``loss/value``,
+        ``value/clipfrac`` and, as configured, ``loss/vib_kl``, ``vib/sigma``, ``loss/aux``; and for ``predict``
+        the (prediction, target) pairs over valid tokens of ``aux/corr_entropy`` and ``aux/corr_surprisal``.
+    """
+    per_token, clipped = clipped_value_loss(values, old_values, returns, value_clip)
+    if aux == "weight":
+        weights = key_token_weights(key, key_alpha)
+        per_token = per_token * weights
+    agg = dict(mask=mask, mode=aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+    loss = aggregate(per_token, **agg)
+    stats = {"loss/value": per_token.detach(), "value/clipfrac": clipped}
+    correlations: dict[str, tuple[Tensor, Tensor]] = {}
+    if mu is not None:
+        kl = vib_kl(mu, logvar)
+        loss = loss + beta * aggregate(kl, **agg)
+        stats["loss/vib_kl"] = kl.detach()
+        stats["vib/sigma"] = torch.exp(0.5 * logvar.detach()).mean(-1)
+    if aux == "predict":
+        aux_loss = aux_predict_loss(aux_predictions, aux_targets, key if aux_key_only else None)
+        loss = loss + aux_coef * aggregate(aux_loss, **agg)
+        stats["loss/aux"] = aux_loss.detach()
+        valid = mask.bool()
+        for k, name in enumerate(("entropy", "surprisal")):
+            correlations[f"aux/corr_{name}"] = (aux_predictions.detach()[..., k][valid], aux_targets[..., k][valid])
+    elif aux == "weight":
+        stats["loss/aux"] = (per_token / weights).detach()
+    return loss, stats, correlations

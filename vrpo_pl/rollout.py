@@ -1,17 +1,26 @@
-"""Rollout: prompt formatting, batched sampling with the KV cache, masks and log-prob passes.
+"""Rollout: prompt formatting, batched sampling, the :class:`Rollout` record and the scoring passes over it.
+
+A training step's first phase is :func:`sample_rollout` (prompts -> tokens -> responses) followed by
+:func:`score_rollout` (the no-gradient passes: old log-probs unless the sampler gave them, the reference's
+log-probs, the guide's entropy and surprisal, the critic's values); :func:`decode_completions` turns the responses
+into the text the reward reads.
 
 Shapes: B sequences, P prompt length (left-padded), A response length, T = P + A, V vocabulary.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from vrpo_pl.losses import logprobs_from_logits, token_entropy
+from vrpo_pl.rewards.base import Completion
 
 
 @dataclass
@@ -27,6 +36,10 @@ class PromptSettings:
     overlong: Literal["truncate", "error"] = "truncate"
     """``truncate`` keeps the last max_prompt_tokens tokens (the question is usually at the end); ``error``
     stops the run naming the prompt."""
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"--model.prompt.max_prompt_tokens={self.max_prompt_tokens} must be >= 1")
 
 
 @dataclass
@@ -45,6 +58,16 @@ class GenerationSettings:
     (~1e-6); in bf16 the cached decode rounds differently from a full pass (~1e-2 on a log-prob), which shows as
     ratio noise in the first PPO step: set false there for an exact ratio of 1. Costs B x A x V floats of memory
     while sampling."""
+
+    def __post_init__(self) -> None:
+        g = self
+        for ok, message in [
+            (g.max_new_tokens >= 1, f"max_new_tokens={g.max_new_tokens} must be >= 1"),
+            (g.temperature > 0, f"temperature={g.temperature} must be > 0 (validation is greedy)"),
+            (0 < g.top_p <= 1, f"top_p={g.top_p} must be in (0, 1]"),
+        ]:
+            if not ok:
+                raise ValueError(f"--model.generation.{message}")
 
 
 def format_prompts(tokenizer, prompts: list[str], settings: PromptSettings) -> list[str]:
@@ -181,3 +204,118 @@ def guide_targets(logits: Tensor, responses: Tensor) -> Tensor:
     reference pass, so no extra forward is needed.
     """
     return torch.stack([token_entropy(logits), -logprobs_from_logits(logits, responses)], dim=-1)
+
+
+@dataclass
+class Rollout:
+    """One rollout batch and everything computed from it, filled phase by phase. Shapes: B sequences,
+    T = P + A tokens."""
+
+    sequences: Tensor  # (B, T) prompt + response tokens
+    attention_mask: Tensor  # (B, T)
+    position_ids: Tensor  # (B, T)
+    responses: Tensor  # (B, A)
+    mask: Tensor  # (B, A) 1.0 on response tokens up to and including EOS
+    truncated: Tensor  # (B,) no EOS before max_new_tokens
+    prompt_width: int  # P, the left-padded prompt length
+    logp: Tensor | None = None  # (B, A) log pi_old(y_t | s_t)
+    ref_logp: Tensor | None = None  # (B, A) log pi_ref(y_t | s_t)
+    group: Tensor | None = None  # (B,) prompt index, for GRPO
+    values: Tensor | None = None  # (B, A) V(s_t) at rollout
+    guide_raw: Tensor | None = None  # (B, A, 2) guide entropy, surprisal
+    guide_targets: Tensor | None = None  # (B, A, 2) standardized
+    key: Tensor | None = None  # (B, A) key tokens
+    scores: Tensor | None = None  # (B,) training reward after normalization
+    advantages: Tensor | None = None  # (B, A)
+    returns: Tensor | None = None  # (B, A)
+
+    @property
+    def size(self) -> int:
+        return self.sequences.shape[0]
+
+
+@torch.no_grad()
+def sample_rollout(
+    policy: nn.Module, tokenizer, prompts: list[str], prompt_settings: PromptSettings,
+    generation: GenerationSettings, device: torch.device, *, greedy: bool = False, with_logprobs: bool = False,
+) -> Rollout:
+    """Formats, tokenizes and answers a batch of prompts (KV-cache sampling, or greedy decoding for validation).
+
+    Returns:
+        A :class:`Rollout` with the tokens, masks and positions; with ``with_logprobs`` also ``logp``, the responses'
+        log-probs under the sampler's own logits / temperature (zero on padding).
+    """
+    input_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, prompt_settings)
+    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
+    out = sample_responses(policy, input_ids, prompt_mask, generation, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, greedy=greedy, with_logprobs=with_logprobs)
+    responses, logp = out if with_logprobs else (out, None)
+    mask, truncated = response_mask(responses, tokenizer.eos_token_id)
+    attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
+    return Rollout(torch.cat([input_ids, responses], dim=1), attention_mask, position_ids_from_mask(attention_mask),
+                   responses, mask, truncated, prompt_width=input_ids.shape[1],
+                   logp=None if logp is None else logp * mask)
+
+
+@contextmanager
+def reference_model(policy: nn.Module, reference: nn.Module | None) -> Iterator[nn.Module]:
+    """Yields the reference policy: the frozen copy when there is one, else the adapter-disabled (LoRA) policy."""
+    if reference is not None:
+        yield reference
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+GuideFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+"""(sequences, attention_mask, position_ids, responses, reference logits) -> (B, A, 2) guide entropy and surprisal."""
+
+
+def reference_guide(sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, responses: Tensor,
+                    reference_logits: Tensor) -> Tensor:
+    """The :data:`GuideFn` whose guide is the reference: entropy and surprisal of the reference pass's logits."""
+    return guide_targets(reference_logits, responses)
+
+
+@torch.no_grad()
+def score_rollout(
+    r: Rollout, policy: nn.Module, reference: nn.Module | None, critic: nn.Module | None, *, temperature: float,
+    chunk: int, guide: GuideFn | None = None,
+) -> None:
+    """The rollout's no-gradient passes, each once per slice of ``chunk`` sequences; fills ``r`` in place.
+
+    ``r.logp`` from the policy unless the sampler already gave it, ``r.ref_logp`` from the reference (whose logits
+    also feed ``guide``, so a guide that is the reference costs no pass), ``r.guide_raw`` with ``guide``, and
+    ``r.values`` with a critic.
+    """
+    num, parts = r.responses.shape[1], defaultdict(list)
+    for s in range(0, r.size, chunk):
+        sl = slice(s, s + chunk)
+        args = (r.sequences[sl], r.attention_mask[sl], r.position_ids[sl])
+        if r.logp is None:
+            parts["logp"].append(response_logprobs(response_logits(policy, *args, num), r.responses[sl], temperature))
+        with reference_model(policy, reference) as ref:
+            ref_logits = response_logits(ref, *args, num)
+        parts["ref_logp"].append(response_logprobs(ref_logits, r.responses[sl], temperature))
+        if guide is not None:
+            parts["guide_raw"].append(guide(*args, r.responses[sl], ref_logits))
+        del ref_logits
+        if critic is not None:
+            parts["values"].append(critic(*args, num).values)
+    for name, values in parts.items():
+        setattr(r, name, torch.cat(values))
+
+
+def decode_completions(tokenizer, batch: dict[str, Any], r: Rollout) -> tuple[list[str], list[Completion]]:
+    """The responses as text, and as the :class:`~vrpo_pl.rewards.base.Completion` records a reward scores."""
+    lengths = r.mask.sum(1).long().tolist()
+    texts = tokenizer.batch_decode([r.responses[i, :n].tolist() for i, n in enumerate(lengths)],
+                                   skip_special_tokens=True)
+    answers = batch.get("answer") or [None] * len(texts)
+    metadata = batch.get("metadata") or [{} for _ in texts]
+    completions = [
+        Completion(prompt=p, response=t, answer=a, metadata=m, num_tokens=n, truncated=bool(tr))
+        for p, t, a, m, n, tr in zip(batch["prompt"], texts, answers, metadata, lengths, r.truncated.tolist(),
+                                     strict=True)
+    ]
+    return texts, completions

@@ -1,6 +1,8 @@
 """Setting groups of the training system. Each field's docstring is its ``vrpo fit --help`` text.
 
-Defaults cite their source; where the VRPO paper is silent the default is marked "our choice".
+Defaults cite their source; where the VRPO paper is silent the default is marked "our choice". Each group checks
+its own values when it is built (``__post_init__``) and names the flag in its error; checks that involve the
+algorithm or the data live in :class:`~vrpo_pl.system.RLSystem`.
 ``PromptSettings`` and ``GenerationSettings`` live in :mod:`vrpo_pl.rollout`, ``LoRASpec`` in
 :mod:`vrpo_pl.models`.
 """
@@ -11,6 +13,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from vrpo_pl.losses import KLEstimator, LossAggregation
+
+
+def _check(group: str, rules: list[tuple[bool, str]]) -> None:
+    """Raises ``ValueError`` with the first failed rule's message, prefixed by its flag group (``--model.ppo``)."""
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(f"{group}.{message}")
 
 
 @dataclass
@@ -45,6 +54,23 @@ class PPOSettings:
     max_nonfinite_updates: int = 5
     """Non-finite losses in a row after which the run stops; each one skips its optimizer step and is counted."""
 
+    def __post_init__(self) -> None:
+        p = self
+        _check("--model.ppo", [
+            (p.epochs >= 1, f"epochs={p.epochs} must be >= 1"),
+            (p.mini_batch_size >= 1, f"mini_batch_size={p.mini_batch_size} must be >= 1"),
+            (p.micro_batch_size is None or (p.micro_batch_size >= 1 and p.mini_batch_size % p.micro_batch_size == 0),
+             f"micro_batch_size={p.micro_batch_size} must divide --model.ppo.mini_batch_size={p.mini_batch_size}"),
+            (0 < p.clip_eps < 1, f"clip_eps={p.clip_eps} must be in (0, 1)"),
+            (p.value_clip is None or p.value_clip > 0,
+             f"value_clip={p.value_clip} must be > 0 (or null for plain MSE)"),
+            (0 <= p.lam <= 1, f"lam={p.lam} must be in [0, 1]"),
+            (0 < p.gamma <= 1, f"gamma={p.gamma} must be in (0, 1]"),
+            (p.entropy_coef >= 0, f"entropy_coef={p.entropy_coef} must be >= 0"),
+            (p.critic_warmup_rollouts >= 0, f"critic_warmup_rollouts={p.critic_warmup_rollouts} must be >= 0"),
+            (p.max_nonfinite_updates >= 1, f"max_nonfinite_updates={p.max_nonfinite_updates} must be >= 1"),
+        ])
+
 
 @dataclass
 class OptimSettings:
@@ -61,6 +87,18 @@ class OptimSettings:
     critic_max_grad_norm: float | None = 1.0
     """Global gradient-norm clip of the critic (None: no clipping)."""
 
+    def __post_init__(self) -> None:
+        o = self
+        _check("--model.optim", [
+            (o.policy_lr > 0, f"policy_lr={o.policy_lr} must be > 0"),
+            (o.critic_lr > 0, f"critic_lr={o.critic_lr} must be > 0"),
+            (o.weight_decay >= 0, f"weight_decay={o.weight_decay} must be >= 0"),
+            (o.policy_max_grad_norm is None or o.policy_max_grad_norm > 0,
+             f"policy_max_grad_norm={o.policy_max_grad_norm} must be > 0 (or null: no clipping)"),
+            (o.critic_max_grad_norm is None or o.critic_max_grad_norm > 0,
+             f"critic_max_grad_norm={o.critic_max_grad_norm} must be > 0 (or null: no clipping)"),
+        ])
+
 
 @dataclass
 class KLSettings:
@@ -74,6 +112,10 @@ class KLSettings:
     """``reward``: r_t = -coef * kl_t per token (PPO/VRPO default); ``loss``: coef * KL added to the policy
     loss (GRPO default). None picks by algorithm."""
 
+    def __post_init__(self) -> None:
+        k = self
+        _check("--model.kl", [(k.coef >= 0, f"coef={k.coef} must be >= 0")])
+
 
 @dataclass
 class RewardSettings:
@@ -86,6 +128,10 @@ class RewardSettings:
     on_nonfinite: Literal["skip", "error"] = "skip"
     """A NaN/inf reward: ``skip`` the rollout batch (logged, counted) or stop with an ``error`` naming the sample.
     Never trains on it."""
+
+    def __post_init__(self) -> None:
+        r = self
+        _check("--model.rewards", [(r.clip is None or r.clip > 0, f"clip={r.clip} must be > 0 (or null: no clipping)")])
 
 
 @dataclass
@@ -123,3 +169,46 @@ class CriticSettings:
     """``predict``: regress the targets on key tokens only (else on every response token)."""
     key_alpha: float = 1.0
     """``weight``: value-loss weight w_t = 1 + alpha * key_t (our choice)."""
+
+    def __post_init__(self) -> None:
+        c = self
+        _check("--model.critic", [
+            (c.latent_dim >= 1, f"latent_dim={c.latent_dim} must be >= 1"),
+            (c.decoder_hidden >= 1, f"decoder_hidden={c.decoder_hidden} must be >= 1"),
+            (c.beta >= 0, f"beta={c.beta} must be >= 0"),
+            (c.beta_warmup_rollouts >= 0, f"beta_warmup_rollouts={c.beta_warmup_rollouts} must be >= 0"),
+            (c.aux_coef >= 0, f"aux_coef={c.aux_coef} must be >= 0"),
+            (c.key_alpha >= 0, f"key_alpha={c.key_alpha} must be >= 0"),
+            (c.value_samples >= 0, f"value_samples={c.value_samples} must be >= 0"),
+        ])
+
+
+def resolve_algorithm_defaults(algorithm: str, critic: CriticSettings, kl: KLSettings) -> None:
+    """Fills, in place, the settings whose None means "by algorithm" (see each setting's docstring)."""
+    if critic.vib is None:
+        critic.vib = algorithm == "vrpo"
+    if critic.aux is None:
+        critic.aux = "predict" if algorithm == "vrpo" else "none"
+    if kl.placement is None:
+        kl.placement = "loss" if algorithm == "grpo" else "reward"
+    if kl.estimator is None:
+        kl.estimator = "k3" if kl.placement == "loss" else "k1"
+
+
+def check_algorithm_settings(algorithm: str, critic: CriticSettings, has_critic_model: bool) -> None:
+    """Checks across groups (each group checks its own values when built).
+
+    Args:
+        algorithm: ``--model.algorithm``.
+        critic: the resolved critic settings.
+        has_critic_model: ``--model.critic_backbone`` or ``--model.critic_lora`` was given.
+
+    Raises:
+        ValueError: naming the flags that conflict.
+    """
+    if algorithm not in ("ppo", "grpo", "vrpo"):
+        raise ValueError(f"--model.algorithm={algorithm!r}: use ppo, grpo or vrpo")
+    if algorithm == "grpo" and (critic.vib or critic.aux != "none"):
+        raise ValueError("--model.algorithm grpo has no critic: --model.critic.vib and --model.critic.aux do not apply")
+    if algorithm == "grpo" and has_critic_model:
+        raise ValueError("--model.algorithm grpo has no critic: drop --model.critic_backbone and --model.critic_lora")

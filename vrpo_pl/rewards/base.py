@@ -76,3 +76,52 @@ class RewardFunction(ABC):
     def to(self, device: torch.device) -> RewardFunction:
         """Moves any model the reward holds to ``device``; rewards without models ignore it."""
         return self
+
+
+class RewardError(RuntimeError):
+    """A reward function raised, or returned what training cannot use; the message names the reward and where."""
+
+
+def call_reward(reward: RewardFunction, completions: list[Completion], where: str, gold_only: bool = False):
+    """Scores ``completions`` with ``reward`` and checks the result's shape.
+
+    Args:
+        reward: the reward function.
+        completions: the batch.
+        where: where this happens, for messages (``rollout batch 3``).
+        gold_only: call :meth:`RewardFunction.gold_score` (validation) instead of :meth:`RewardFunction.score`.
+
+    Returns:
+        :class:`RewardScores` (train and gold as float32), or with ``gold_only`` the gold tensor or None.
+
+    Raises:
+        RewardError: the reward raised (its exception chained), or returned a number of scores other than the
+            number of completions.
+    """
+    name, first = type(reward).__name__, completions[0].prompt[:80] if completions else ""
+    try:
+        result = reward.gold_score(completions) if gold_only else reward.score(completions)
+    except Exception as error:
+        raise RewardError(f"the reward {name} raised on {where} (first prompt: {first!r}): "
+                          f"{type(error).__name__}: {error}") from error
+    tensors = {"gold": result} if gold_only else {"train": result.train, "gold": result.gold}
+    for field_name, scores in tensors.items():
+        if scores is not None and tuple(scores.shape) != (len(completions),):
+            raise RewardError(
+                f"the reward {name} returned {field_name} scores of shape {tuple(scores.shape)} for {len(completions)} "
+                f"completions on {where}; a reward must return one score per completion, shape ({len(completions)},)"
+            )
+    if gold_only:
+        return None if result is None else result.float()
+    return RewardScores(result.train.float(), None if result.gold is None else result.gold.float(), result.metrics)
+
+
+def nonfinite_message(reward: RewardFunction, train: Tensor, completions: list[Completion], where: str) -> str | None:
+    """None when every training score is finite, else a message naming the first bad sample."""
+    bad = (~torch.isfinite(train)).nonzero().flatten().tolist()
+    if not bad:
+        return None
+    i = bad[0]
+    return (f"the reward {type(reward).__name__} returned {train[i].item()} for sample {i} of {where} (prompt "
+            f"{completions[i].prompt[:60]!r}, response {completions[i].response[:60]!r}); {len(bad)} non-finite in "
+            "the batch")
