@@ -191,7 +191,7 @@ def step_flops(system, r) -> float:
     train_factor = 2.0 if system.lora_spec is not None else 4.0  # backward on top of the forward's 2
     flops = 2 * body * prompt + 2 * head * size  # prefill, logits at the last prompt position
     flops += 2 * (body + head) * response  # decode steps
-    frozen = 1 + (0 if system.generation.sampler_logprobs else 1)  # reference (+ the policy's own pass)
+    frozen = 1 + (0 if system.sampler_logprobs else 1)  # reference (+ the policy's own pass)
     flops += frozen * 2 * (body * tokens + head * response)
     epochs = system.ppo.epochs
     flops += epochs * (2 + train_factor) * (body * tokens + head * response)  # policy update
@@ -233,7 +233,7 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
         _sync()
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
-    reuse = g.sampler_logprobs  # the old log-probs come from the sampler's logits: no policy pass below
+    reuse = system.sampler_logprobs  # the old log-probs come from the sampler's logits: no policy pass below
     with torch.no_grad():
         with timed("generation"):
             out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=num,
@@ -343,6 +343,7 @@ def measure(algorithm: str, args: argparse.Namespace) -> dict:
             "other": it["iteration"] - it["rollout"] - it["score"] - it.get("update_policy", 0.0)
             - it.get("update_critic", 0.0)})
     record["flops"] = statistics.median(step_flops(system, cap["rollout"]) for cap in timer.captures[1:])
+    record["dtype"] = str(system.model_dtype).removeprefix("torch.")
     del cli, system, trainer, timer
     gc.collect()
     return record
@@ -403,10 +404,11 @@ def _mb(n: float) -> str:
 
 
 def report(records: list[dict], args: argparse.Namespace, header: str, peaks: dict[str, float]) -> str:
-    peak_name = "bf16" if "bf16" in args.precision or args.dtype == "bfloat16" else "fp32"
+    dtypes = sorted({rec["dtype"] for rec in records if "dtype" in rec})
     lines = [header, "",
              f"Matrix-multiply peak measured in this run: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 "
-             f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s; the compute bound uses {peak_name}.", "",
+             f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s. Weights: {', '.join(dtypes)}; the compute bound uses the bf16 peak "
+             "for bf16 weights or bf16 precision, else fp32.", "",
              "| algorithm | s / rollout batch | generation | frozen passes | scoring | policy update | critic update "
              "| other | lower bound | ratio | samples/s | tokens/s | gen tokens/s | peak memory | TFLOP "
              "| compute bound | x bound |",
@@ -426,7 +428,8 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
         cells = [f"{it:.3f}", *(f"{_median(fw, k):.3f}" for k in [*PHASES, "other"]), f"{bound:.3f}",
                  f"**{it / bound:.2f}**", f"{rec['samples'] / it:.1f}", f"{rec['tokens'] / it:.0f}",
                  f"{rec['tokens'] / gen:.0f}", _mb(rec["peak_bytes"])]
-        compute = rec["flops"] / peaks[peak_name]
+        bf16 = rec.get("dtype") == "bfloat16" or "bf16" in args.precision
+        compute = rec["flops"] / peaks["bf16" if bf16 else "fp32"]
         cells += [f"{rec['flops'] / 1e12:.2f}", f"{compute:.3f}", f"**{it / compute:.1f}**"]
         lines.append(f"| {rec['algorithm']} | " + " | ".join(cells) + " |")
         bound_lines.append(f"| {rec['algorithm']} | " + " | ".join(f"{_median(lb, k):.3f}" for k in [*PHASES, "total"])
@@ -502,8 +505,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="PPO epochs")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
-                   help="weights' dtype (--model.dtype)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
+                   help="weights' dtype (--model.dtype; auto: bf16 base weights where the hardware has bf16 units)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure each row in a fresh process (exact peak RSS on the CPU)")

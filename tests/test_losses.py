@@ -677,3 +677,26 @@ def test_critic_objective_sums_value_vib_and_auxiliary_terms(aux):
     if aux == "predict":
         x, y = correlations["aux/corr_entropy"]
         assert x.shape == y.shape == (int(mask.sum()),)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_token_logprobs_match_the_full_log_softmax_and_its_gradient(dtype, monkeypatch):
+    """The chunked primitive (forced to 3-row chunks) equals log_softmax + gather in value and gradient, and the
+    entropy equals the categorical entropy."""
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 13)
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(2, 5, 13, generator=g) * 3).to(dtype)
+    tokens = torch.randint(0, 13, (2, 5), generator=g)
+    weights = torch.randn(2, 5, generator=g)
+    chunked = logits.clone().requires_grad_(True)
+    logp, entropy = losses.token_logprobs_and_entropy(chunked, tokens, temperature=0.7)
+    (logp * weights).sum().backward()
+    full = logits.clone().float().requires_grad_(True)
+    expected = torch.log_softmax(full / 0.7, -1).gather(-1, tokens[..., None])[..., 0]
+    (expected * weights).sum().backward()
+    assert_close(logp, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert_close(entropy, Categorical(logits=full.detach() / 0.7).entropy(), atol=1e-5, rtol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # the gradient is returned in the logits' dtype
+    assert chunked.grad.dtype == dtype
+    assert_close(chunked.grad.float(), full.grad, atol=tol, rtol=tol)
+    assert not entropy.requires_grad

@@ -126,6 +126,10 @@ def test_trainable_parameters_change_and_frozen_do_not(run_cli, tmp_path, lora):
         assert all(after[n].requires_grad for n in after if n.startswith(("policy.", "critic.")))
 
 
+_LENGTH_REWARD = ('{"class_path": "vrpo_pl.rewards.LengthBias", "init_args": {"base": {"class_path": '
+                  '"vrpo_pl.rewards.NumericVerifier"}, "coef": 0.1, "unit": "chars"}}')
+
+
 @pytest.fixture(scope="module", params=["vrpo", "grpo"])
 def micro_runs(request, run_cli, read_events, tmp_path_factory):
     """One rollout batch of 8 with mini-batches of 4, split into micro-batches of 1 and of 4, from the same seed.
@@ -133,10 +137,16 @@ def micro_runs(request, run_cli, read_events, tmp_path_factory):
     Returns ``{micro: (weights after the update, last value of every logged scalar)}``.
     """
     runs = {}
-    for micro in (1, 4):
+    for micro in (1, 4, "budget"):
         root = tmp_path_factory.mktemp(f"{request.param}_micro{micro}")
-        cli = run_cli(root, "--model.algorithm", request.param, "--model.ppo.mini_batch_size", "4",
-                      "--model.ppo.micro_batch_size", str(micro), max_steps=1)
+        # "budget": micro-batches grouped by length within 40 padded tokens (2-3 of these tiny sequences)
+        split = (["--model.ppo.micro_batch_size", str(micro)] if micro != "budget" else
+                 ["--model.ppo.max_tokens_per_micro_batch", "40"])
+        # A reward that differs within every group (the response's length in characters), so that GRPO's gradient
+        # is signal: with equal rewards its advantages are 0, the gradient is rounding noise (~1e-9), and Adam's
+        # first step turns noise of either sign into a step of ~lr, which no accumulation scheme can reproduce.
+        cli = run_cli(root, "--model.algorithm", request.param, "--model.ppo.mini_batch_size", "4", *split,
+                      "--model.reward", _LENGTH_REWARD, max_steps=1)
         assert cli.trainer.global_step == 1
         events = read_events(root)
         scalars = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
@@ -151,15 +161,17 @@ def test_micro_batches_accumulate_to_the_mini_batch_gradient(micro_runs):
     The weights alone are a weak check (Adam's update does not see a constant scale of the gradient), so the
     logged pre-clipping gradient norms are compared too: a loss normalized per micro-batch would scale them.
     """
-    (w1, s1), (w4, s4) = micro_runs[1], micro_runs[4]
-    assert w1.keys() == w4.keys()
-    worst = max(w1, key=lambda n: (w1[n] - w4[n]).abs().max().item())
-    diff = (w1[worst] - w4[worst]).abs().max().item()
-    assert diff < 1e-4, f"{worst} differs by {diff} between micro-batch 1 and 4"
-    grad_tags = [t for t in s1 if t.endswith("grad_norm")]
-    assert "policy/grad_norm" in grad_tags
-    for tag in [*grad_tags, "loss/policy"] + [t for t in ("loss/value", "loss/kl") if t in s1]:
-        assert s1[tag] == pytest.approx(s4[tag], rel=1e-4, abs=1e-6), f"{tag}: {s1[tag]} vs {s4[tag]}"
+    w1, s1 = micro_runs[1]
+    for other in (4, "budget"):
+        w4, s4 = micro_runs[other]
+        assert w1.keys() == w4.keys()
+        worst = max(w1, key=lambda n: (w1[n] - w4[n]).abs().max().item())
+        diff = (w1[worst] - w4[worst]).abs().max().item()
+        assert diff < 1e-4, f"{worst} differs by {diff} between micro-batch 1 and {other}"
+        grad_tags = [t for t in s1 if t.endswith("grad_norm")]
+        assert "policy/grad_norm" in grad_tags
+        for tag in [*grad_tags, "loss/policy"] + [t for t in ("loss/value", "loss/kl") if t in s1]:
+            assert s1[tag] == pytest.approx(s4[tag], rel=1e-4, abs=1e-6), f"{tag}: {s1[tag]} vs {s4[tag]} ({other})"
 
 
 @pytest.mark.slow

@@ -139,12 +139,15 @@ class ValueHead(nn.Module):
         nn.init.normal_(last.weight, std=1.0 / (last.in_features + 1))
         nn.init.zeros_(last.bias)
 
-    def forward(self, hidden: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> ValueOutput:
+    def forward(self, hidden: Tensor, sample: bool = False, generator: torch.Generator | None = None,
+                noise: Tensor | None = None) -> ValueOutput:
         """
         Args:
             hidden: (B, A, H) backbone hidden states at the response positions.
             sample: draw z ~ N(mu, sigma^2) once (critic update) instead of the rollout values' z = mu or average.
             generator: random generator for the draws.
+            noise: (B, A, Z) standard-normal draws to use instead (the update draws them per row, so that how a
+                mini-batch is split into micro-batches does not change the update).
         """
         hidden = self.norm(hidden.float())
         if not self.vib:
@@ -153,7 +156,7 @@ class ValueHead(nn.Module):
         mu, logvar = self.encoder(hidden).chunk(2, dim=-1)
         logvar = logvar.clamp(-20.0, 10.0)
         if sample:
-            z = reparameterize(mu, logvar, generator)
+            z = reparameterize(mu, logvar, generator) if noise is None else mu + torch.exp(0.5 * logvar) * noise
             values = self.decoder(z).squeeze(-1)
         elif self.value_samples > 0:
             eps = self.value_eps.view(-1, *([1] * (mu.dim() - 1)), mu.shape[-1])  # (K, 1, ..., 1, Z)
@@ -182,7 +185,7 @@ class ValueModel(nn.Module):
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, num_response: int,
-        sample: bool = False, generator: torch.Generator | None = None,
+        sample: bool = False, generator: torch.Generator | None = None, noise: Tensor | None = None,
     ) -> ValueOutput:
         """
         Args:
@@ -192,8 +195,9 @@ class ValueModel(nn.Module):
             num_response: A, the number of response positions at the end of the sequence.
             sample: see :meth:`ValueHead.forward`.
             generator: see :meth:`ValueHead.forward`.
+            noise: see :meth:`ValueHead.forward`.
         """
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         # V(s_t) for s_t = (x, y_<t) is read at the last token of s_t: positions T-A-1 .. T-2.
         hidden = out.last_hidden_state[:, -num_response - 1 : -1]
-        return self.head(hidden, sample=sample, generator=generator)
+        return self.head(hidden, sample=sample, generator=generator, noise=noise)

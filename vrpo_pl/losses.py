@@ -16,8 +16,80 @@ KLEstimator = Literal["k1", "k2", "k3"]
 LossAggregation = Literal["token_mean", "seq_mean_token_mean"]
 
 
+_CHUNK_ELEMENTS = 2**24
+"""Float32 elements of logits processed at a time (64 MiB): never a float32 copy of a whole (B, A, V) tensor."""
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _entropy_from(x: Tensor, lse: Tensor) -> Tensor:
+    """Entropy of softmax(x) given its log-normalizer: lse - sum_v p_v x_v, with p_v = 0 where x_v = -inf."""
+    p = torch.exp(x - lse[:, None])
+    return lse - torch.where(p > 0, p * x, torch.zeros_like(x)).sum(-1)
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """log softmax(logits / T) at ``tokens``, and the entropy (no gradient), in float32 chunks of rows.
+
+    Saves only the logits themselves (in their own dtype) and the (N,) log-normalizers for backward, which
+    recomputes the softmax chunk by chunk: the float32 (N, V) log-softmax that autograd would keep is never
+    materialized.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float):
+        n, vocab = logits.shape
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        entropy = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        step = _chunk_rows(vocab)
+        for s in range(0, n, step):
+            x = logits[s : s + step].float() / temperature
+            lse[s : s + step] = torch.logsumexp(x, dim=-1)
+            logp[s : s + step] = x.gather(-1, tokens[s : s + step, None]).squeeze(-1) - lse[s : s + step]
+            entropy[s : s + step] = _entropy_from(x, lse[s : s + step])
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, grad_entropy: Tensor):
+        logits, tokens, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        step = _chunk_rows(logits.shape[1])
+        for s in range(0, logits.shape[0], step):
+            g = grad_logp[s : s + step, None]
+            x = logits[s : s + step].float() / ctx.temperature
+            d = -torch.exp(x - lse[s : s + step, None]) * g  # d logp / d x = onehot - softmax
+            d.scatter_add_(-1, tokens[s : s + step, None], g)
+            grad[s : s + step] = (d / ctx.temperature).to(logits.dtype)
+        return grad, None, None
+
+
+def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """log pi(token | prefix) under logits / temperature, with gradient, and each distribution's entropy, without.
+
+    Computed in float32 chunks whatever the logits' dtype; memory beyond the logits is O(rows) plus one chunk.
+
+    Args:
+        logits: (..., V) next-token logits aligned with ``tokens``.
+        tokens: (...) the tokens whose log-probabilities are wanted.
+        temperature: divides the logits.
+
+    Returns:
+        ``(logp, entropy)``: (...) float32 each, in nats.
+    """
+    shape = tokens.shape
+    logp, entropy = _TokenLogProbs.apply(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), temperature)
+    return logp.view(shape), entropy.view(shape)
+
+
 def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log pi(token | prefix) for each position.
+    """log pi(token | prefix) for each position (differentiable; float32 chunks, see
+    :func:`token_logprobs_and_entropy`).
 
     Args:
         logits: (B, A, V) next-token logits aligned with ``tokens``.
@@ -26,12 +98,11 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     Returns:
         (B, A) float32 log-probabilities.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs_and_entropy(logits, tokens)[0]
 
 
 def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy H = -sum_v p(v) log p(v) of each next-token distribution, in nats.
+    """Entropy H = -sum_v p(v) log p(v) of each next-token distribution, in nats (differentiable).
 
     Args:
         logits: (..., V).
@@ -285,16 +356,17 @@ def logprobs_and_entropy(
         logits: (B, A, V) next-token logits aligned with ``tokens``.
         tokens: (B, A).
         temperature: the sampling temperature (the distribution the tokens were drawn from).
-        entropy_grad: keep the entropy's graph (an entropy bonus); else it is computed without gradient.
+        entropy_grad: keep the entropy's graph (an entropy bonus: a full float32 log-softmax is kept for backward);
+            else both come from :func:`token_logprobs_and_entropy` (float32 chunks, entropy without gradient).
 
     Returns:
         ``(logp, entropy)``: (B, A) each, float32, in nats.
     """
+    if not (entropy_grad and torch.is_grad_enabled()):
+        return token_logprobs_and_entropy(logits, tokens, temperature)
     logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 def policy_objective(

@@ -24,11 +24,47 @@ from vrpo_pl.critic import ValueHead, ValueModel
 if TYPE_CHECKING:
     from vrpo_pl.settings import CriticSettings
 
-DType = Literal["float32", "bfloat16"]
+DType = Literal["auto", "float32", "bfloat16"]
 
 
-def torch_dtype(name: DType) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
+    """``float32`` or ``bfloat16`` as a torch dtype (resolve ``auto`` first with :func:`resolve_dtype`)."""
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: AVX512-BF16 or AMX on x86, the BF16 extension on
+    Arm. Without them bf16 is emulated and slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None and check():
+            return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().replace("\n", " ").split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 matrix units on ``device``: a CUDA GPU that supports bf16, or a CPU with :func:`cpu_has_bf16`."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def resolve_dtype(name: DType, all_trained_by_lora: bool, device: torch.device) -> str:
+    """The weights' dtype for ``--model.dtype``: ``auto`` is bfloat16 where that is safe and fast, else float32.
+
+    Safe: every model that trains does so through LoRA adapters (kept in float32 by peft, as are the value head and
+    the optimizer states), so only frozen base weights are bf16. Fast: :func:`bf16_is_fast`. Full fine-tuning
+    keeps float32 weights (use ``--trainer.precision bf16-mixed`` for bf16 arithmetic there).
+    """
+    if name != "auto":
+        return name
+    return "bfloat16" if all_trained_by_lora and bf16_is_fast(device) else "float32"
 
 
 class LMSource(ABC):

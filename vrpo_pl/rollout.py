@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vrpo_pl.losses import logprobs_from_logits, token_entropy
+from vrpo_pl.losses import logprobs_from_logits, token_logprobs_and_entropy
 from vrpo_pl.rewards.base import Completion
 
 
@@ -52,12 +52,12 @@ class GenerationSettings:
     """Sampling temperature; log-probs for PPO are computed from logits / temperature, matching the sampler."""
     top_p: float = 1.0
     """Nucleus sampling mass (1.0 = full distribution, which keeps the PPO ratio exact)."""
-    sampler_logprobs: bool = True
+    sampler_logprobs: bool | None = None
     """Take the rollout's old log-probs from the logits the sampler already computed, instead of a second forward
     pass of the policy over every response (one pass fewer per rollout). In float32 the two agree to rounding
     (~1e-6); in bf16 the cached decode rounds differently from a full pass (~1e-2 on a log-prob), which shows as
-    ratio noise in the first PPO step: set false there for an exact ratio of 1. Costs B x A x V floats of memory
-    while sampling."""
+    ratio noise in the first PPO step. None: on in float32, off in bf16 (weights or autocast), so the first
+    update's ratio is 1 within rounding either way."""
 
     def __post_init__(self) -> None:
         g = self
@@ -203,7 +203,8 @@ def guide_targets(logits: Tensor, responses: Tensor) -> Tensor:
     Computed from the guide's untempered logits; when the guide is the reference these are the logits of the
     reference pass, so no extra forward is needed.
     """
-    return torch.stack([token_entropy(logits), -logprobs_from_logits(logits, responses)], dim=-1)
+    logp, entropy = token_logprobs_and_entropy(logits, responses)
+    return torch.stack([entropy, -logp], dim=-1)
 
 
 @dataclass
@@ -232,6 +233,55 @@ class Rollout:
     @property
     def size(self) -> int:
         return self.sequences.shape[0]
+
+
+@dataclass
+class MicroBatch:
+    """Rows of a rollout, trimmed to their own extent: columns that are padding in every row are dropped (left
+    padding of the prompts, right padding after the longest response), so a pass costs what its rows need."""
+
+    rows: Tensor  # (b,) indices into the rollout
+    sequences: Tensor  # (b, T') prompt + response tokens
+    attention_mask: Tensor  # (b, T')
+    position_ids: Tensor  # (b, T')
+    width: int  # A', response positions kept (the rows' longest response)
+
+    def take(self, x: Tensor) -> Tensor:
+        """A per-token (B, A, ...) rollout field (log-probs, advantages, ...) for these rows: (b, A', ...)."""
+        return x[self.rows, : self.width]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def micro_batch(r: Rollout, rows: Tensor) -> MicroBatch:
+    """:class:`MicroBatch` of ``rows``; a row's result is unchanged (attention never sees padding)."""
+    attention = r.attention_mask[rows]
+    used = attention.bool().any(0).nonzero().flatten()
+    first, end = int(used[0]), int(used[-1]) + 1
+    width = end - r.prompt_width
+    return MicroBatch(rows, r.sequences[rows, first:end], attention[:, first:end], r.position_ids[rows, first:end],
+                      width)
+
+
+def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Groups positions into micro-batches whose padded size (rows x longest length) stays within ``budget`` tokens.
+
+    Longest first, so each micro-batch holds sequences of similar length; a sequence longer than the budget gets a
+    micro-batch of its own.
+
+    >>> token_budget_batches([5, 1, 4, 2], budget=8)
+    [[0], [2, 3], [1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @torch.no_grad()

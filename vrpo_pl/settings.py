@@ -33,6 +33,10 @@ class PPOSettings:
     micro_batch_size: int | None = None
     """Sequences per forward/backward; gradients accumulate over mini_batch_size / micro_batch_size micro-batches
     (None: no accumulation). Losses are divided by the whole mini-batch's token count, so the result is exact."""
+    max_tokens_per_micro_batch: int | None = None
+    """Group each mini-batch's sequences by length into micro-batches of at most this many padded tokens (rows x
+    longest sequence; verl's and OpenRLHF's ``max_tokens_per_micro_batch``); overrides micro_batch_size. None: fixed
+    micro_batch_size. Either way each micro-batch is trimmed to its own longest sequence."""
     clip_eps: float = 0.2
     """Policy ratio clip range epsilon (Schulman et al. 2017)."""
     value_clip: float | None = 0.2
@@ -61,6 +65,8 @@ class PPOSettings:
             (p.mini_batch_size >= 1, f"mini_batch_size={p.mini_batch_size} must be >= 1"),
             (p.micro_batch_size is None or (p.micro_batch_size >= 1 and p.mini_batch_size % p.micro_batch_size == 0),
              f"micro_batch_size={p.micro_batch_size} must divide --model.ppo.mini_batch_size={p.mini_batch_size}"),
+            (p.max_tokens_per_micro_batch is None or p.max_tokens_per_micro_batch >= 1,
+             f"max_tokens_per_micro_batch={p.max_tokens_per_micro_batch} must be >= 1 (or null)"),
             (0 < p.clip_eps < 1, f"clip_eps={p.clip_eps} must be in (0, 1)"),
             (p.value_clip is None or p.value_clip > 0,
              f"value_clip={p.value_clip} must be > 0 (or null for plain MSE)"),

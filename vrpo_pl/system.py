@@ -45,17 +45,19 @@ from vrpo_pl import losses as L
 from vrpo_pl.advantages import RunningMoments, compute_advantages, masked_mean, transform_scores
 from vrpo_pl.critic import ValueModel
 from vrpo_pl.metrics import MetricAccumulator, PhaseTimer
-from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, torch_dtype
+from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, resolve_dtype, torch_dtype
 from vrpo_pl.rewards.base import RewardError, RewardFunction, call_reward, nonfinite_message
 from vrpo_pl.rollout import (
     GenerationSettings,
     PromptSettings,
     Rollout,
     decode_completions,
+    micro_batch,
     reference_guide,
     response_logits,
     sample_rollout,
     score_rollout,
+    token_budget_batches,
 )
 from vrpo_pl.settings import (
     CriticSettings,
@@ -79,7 +81,7 @@ class RLSystem(pl.LightningModule):
         reward: RewardFunction,
         algorithm: Algorithm = "vrpo",
         critic_backbone: LMSource | None = None,
-        dtype: DType = "float32",
+        dtype: DType = "auto",
         lora: LoRASpec | None = None,
         critic_lora: LoRASpec | None = None,
         prompt: PromptSettings = PromptSettings(),
@@ -103,7 +105,9 @@ class RLSystem(pl.LightningModule):
                 critic with the frozen-LM auxiliary loss).
             critic_backbone: the critic's body; None copies the policy's initial weights (a reward model's
                 directory is the other common choice).
-            dtype: weights' dtype, ``float32`` or ``bfloat16``.
+            dtype: weights' dtype: ``auto`` (bfloat16 base weights when every trained model uses LoRA and the CPU
+                or GPU has bf16 matrix units, else float32; :func:`vrpo_pl.models.resolve_dtype`), ``float32`` or
+                ``bfloat16``. Adapters, the value head and optimizer states are float32 in every case.
             lora: LoRA adapters on the policy; the reference is then the adapter-disabled policy (no second
                 copy of the weights). None: full fine-tuning with a frozen reference copy.
             critic_lora: LoRA adapters on the critic's body (its head always trains fully).
@@ -144,6 +148,7 @@ class RLSystem(pl.LightningModule):
         self.rollouts = 0
         self._shuffle_gen = torch.Generator().manual_seed(seed)
         self._vib_gen: torch.Generator | None = None
+        self._vib_noise: Tensor | None = None
         self._nonfinite_in_row = {"policy": 0, "critic": 0}
         self.guide_callback = None
         self.timer = PhaseTimer()
@@ -163,7 +168,19 @@ class RLSystem(pl.LightningModule):
 
     @property
     def model_dtype(self) -> torch.dtype:
-        return torch_dtype(self.dtype_name)
+        """The weights' dtype, ``--model.dtype`` with ``auto`` resolved for the training device."""
+        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        lora_everywhere = self.lora_spec is not None and (not self.uses_critic or self.critic_lora_spec is not None)
+        return torch_dtype(resolve_dtype(self.dtype_name, lora_everywhere, device))
+
+    @property
+    def sampler_logprobs(self) -> bool:
+        """``--model.generation.sampler_logprobs`` resolved: by default only when the policy computes in float32
+        (in bf16 the sampler's cached decode rounds differently from the update's full pass)."""
+        if self.generation.sampler_logprobs is not None:
+            return self.generation.sampler_logprobs
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        return self.model_dtype == torch.float32 and not precision.startswith("bf16")
 
     @property
     def phase_seconds(self) -> dict[str, float]:
@@ -297,7 +314,7 @@ class RLSystem(pl.LightningModule):
         progress.increment_completed()
 
     def _rollout(self, batch: dict[str, Any]) -> Rollout:
-        reuse = self.generation.sampler_logprobs
+        reuse = self.sampler_logprobs
         with self.timer("generation"):
             rollout = sample_rollout(self.policy, self.tokenizer, list(batch["prompt"]), self.prompt,
                                      self.generation, self.device, with_logprobs=reuse)
@@ -358,12 +375,21 @@ class RLSystem(pl.LightningModule):
                 for start in range(0, r.size, mini):
                     idx = order[start : start + mini]
                     norm = self._normalizers(r.mask[idx])
-                    micro_batches = [idx[s : s + micro] for s in range(0, len(idx), micro)]
+                    micro_batches = self._micro_batches(r, idx, micro)
                     if train_policy:
                         self._optimizer_step("policy", optimizers[0], self.policy, micro_batches, r, norm, metrics)
                     if self.critic is not None:
                         self._optimizer_step("critic", optimizers[1], self.critic, micro_batches, r, norm, metrics)
         return metrics.compute(distributed.all_reduce_sum)
+
+    def _micro_batches(self, r: Rollout, idx: Tensor, micro: int) -> list[Tensor]:
+        """A mini-batch's rows split into micro-batches: ``micro`` rows each, or grouped by length within
+        ``--model.ppo.max_tokens_per_micro_batch`` padded tokens."""
+        budget = self.ppo.max_tokens_per_micro_batch
+        if budget is None:
+            return [idx[s : s + micro] for s in range(0, len(idx), micro)]
+        lengths = r.attention_mask[idx].sum(1).tolist()
+        return [idx[group] for group in token_budget_batches(lengths, budget)]
 
     def _normalizers(self, mask: Tensor) -> dict[str, float]:
         """Token and sequence counts of a mini-batch over all ranks, as the loss denominators.
@@ -381,16 +407,21 @@ class RLSystem(pl.LightningModule):
         """One optimizer step of the policy or the critic: accumulate over micro-batches, average over ranks, clip,
         step; a non-finite loss or gradient on any rank skips the step everywhere (counted, and fatal in a row)."""
         loss_fn = self._policy_loss if name == "policy" else self._critic_loss
+        if name == "critic" and self.critic_settings.vib:
+            # The VIB's draws for every row of the rollout, once per optimizer step: the same update however the
+            # mini-batch is split into micro-batches.
+            shape = (*r.mask.shape, self.critic_settings.latent_dim)
+            self._vib_noise = torch.randn(shape, generator=self._vib_generator(), device=self.device)
         finite = True
         with self.timer(f"update_{name}"):
-            for mb in micro_batches:
-                loss, stats, correlations = loss_fn(r, mb, norm)
+            for rows in micro_batches:
+                b, loss, stats, correlations = loss_fn(r, rows, norm)
                 ok = bool(torch.isfinite(loss))
                 finite = finite and ok
                 # Backward runs even on a non-finite loss: under FSDP every rank must run the same number of
                 # (collective) backward passes. The step is skipped below instead.
                 self.manual_backward(loss)
-                mask = r.mask[mb] if ok else torch.zeros_like(r.mask[mb])  # a non-finite batch registers, adds 0
+                mask = b.take(r.mask) if ok else torch.zeros_like(b.take(r.mask))  # non-finite: registers, adds 0
                 for key, value in stats.items():
                     metrics.token_mean(key, value if ok else torch.zeros_like(value), mask)
                 for key, (x, y) in correlations.items():
@@ -425,28 +456,29 @@ class RLSystem(pl.LightningModule):
                 "--model.ppo.max_nonfinite_updates. Checkpoints already written are intact."
             )
 
-    def _policy_loss(self, r: Rollout, mb: Tensor, norm: dict[str, float]):
-        logits = response_logits(self.policy, r.sequences[mb], r.attention_mask[mb], r.position_ids[mb],
-                                 r.responses.shape[1])
-        logp, entropy = L.logprobs_and_entropy(logits, r.responses[mb], self.generation.temperature,
+    def _policy_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
+        b = micro_batch(r, rows)
+        logits = response_logits(self.policy, b.sequences, b.attention_mask, b.position_ids, b.width)
+        logp, entropy = L.logprobs_and_entropy(logits, b.take(r.responses), self.generation.temperature,
                                                entropy_grad=self.ppo.entropy_coef > 0)
         loss, stats = L.policy_objective(
-            logp, entropy, r.logp[mb], r.advantages[mb], r.mask[mb], clip_eps=self.ppo.clip_eps,
-            entropy_coef=self.ppo.entropy_coef, ref_logp=r.ref_logp[mb] if self.kl.placement == "loss" else None,
+            logp, entropy, b.take(r.logp), b.take(r.advantages), b.take(r.mask), clip_eps=self.ppo.clip_eps,
+            entropy_coef=self.ppo.entropy_coef, ref_logp=b.take(r.ref_logp) if self.kl.placement == "loss" else None,
             kl_coef=self.kl_coef, kl_estimator=self.kl.estimator, aggregation=self.ppo.loss_aggregation, **norm)
-        return loss, stats, {}
+        return b, loss, stats, {}
 
-    def _critic_loss(self, r: Rollout, mb: Tensor, norm: dict[str, float]):
-        c = self.critic_settings
-        out = self.critic(r.sequences[mb], r.attention_mask[mb], r.position_ids[mb], r.responses.shape[1],
-                          sample=bool(c.vib), generator=self._vib_generator())
+    def _critic_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
+        c, b = self.critic_settings, micro_batch(r, rows)
+        out = self.critic(b.sequences, b.attention_mask, b.position_ids, b.width, sample=bool(c.vib),
+                          noise=None if self._vib_noise is None else b.take(self._vib_noise))
         unit = self.critic.head.normalize  # the regression's units (standardized returns with normalize_values)
-        return L.critic_objective(
-            unit(out.values), unit(r.values[mb]), unit(r.returns[mb]), r.mask[mb], value_clip=self.ppo.value_clip,
-            mu=out.mu, logvar=out.logvar, beta=self._beta(), aux=c.aux, aux_predictions=out.aux,
-            aux_targets=None if r.guide_targets is None else r.guide_targets[mb],
-            aux_coef=c.aux_coef, key=None if r.key is None else r.key[mb], key_alpha=c.key_alpha,
+        loss, stats, correlations = L.critic_objective(
+            unit(out.values), unit(b.take(r.values)), unit(b.take(r.returns)), b.take(r.mask),
+            value_clip=self.ppo.value_clip, mu=out.mu, logvar=out.logvar, beta=self._beta(), aux=c.aux,
+            aux_predictions=out.aux, aux_targets=None if r.guide_targets is None else b.take(r.guide_targets),
+            aux_coef=c.aux_coef, key=None if r.key is None else b.take(r.key), key_alpha=c.key_alpha,
             aux_key_only=c.aux_key_only, aggregation=self.ppo.loss_aggregation, **norm)
+        return b, loss, stats, correlations
 
     def _vib_generator(self) -> torch.Generator:
         """The VIB's sampling generator, created on the training device at first use (seed + 1)."""
