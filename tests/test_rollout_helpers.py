@@ -104,29 +104,31 @@ def test_guide_targets_surprisal_mean_is_log_perplexity():
     assert_close(guide_targets(logits, responses)[..., 1].mean().exp(), perplexity)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampler_logprobs_match_a_full_forward_pass(temperature):
-    """The log-probs taken from the sampler's logits are those a second pass of the policy computes (fp32, left
-    padding, temperature), so the rollout can skip that pass."""
+def _tiny_prompts():
     from vrpo_pl.models import TinyLM
-    from vrpo_pl.rollout import (
-        GenerationSettings,
-        PromptSettings,
-        response_logits,
-        response_logprobs,
-        sample_responses,
-        tokenize_prompts,
-    )
+    from vrpo_pl.rollout import PromptSettings, tokenize_prompts
 
     source = TinyLM()
     tokenizer, policy = source.tokenizer(), source.causal_lm(torch.float32).eval()
-    prompts = ["What is 2 + 3?", "Add 14 and 27, then subtract 9. What do you get?", "1 - 1 ="]
+    prompts = ["What is 2 + 3?", "Add 14 and 27, then subtract 9. What do you get?", "1 - 1 =", "9 * 8 ="]
     input_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, PromptSettings())
     assert (prompt_mask == 0).any(), "the prompts must have different lengths (left padding)"
+    return tokenizer, policy, input_ids, prompt_mask
+
+
+@pytest.mark.parametrize("backend", ["loop", "hf"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_match_a_full_forward_pass(backend, temperature):
+    """The log-probs taken from the sampler's logits are those a second pass of the policy computes (fp32, left
+    padding, temperature), so the rollout can skip that pass."""
+    from vrpo_pl.rollout import GenerationSettings, response_logits, response_logprobs
+    from vrpo_pl.sampling import make_sampler
+
+    tokenizer, policy, input_ids, prompt_mask = _tiny_prompts()
     settings = GenerationSettings(max_new_tokens=12, temperature=temperature)
     torch.manual_seed(0)
-    responses, logp = sample_responses(policy, input_ids, prompt_mask, settings, tokenizer.eos_token_id,
-                                       tokenizer.pad_token_id, with_logprobs=True)
+    responses, logp = make_sampler(backend).sample(policy, input_ids, prompt_mask, settings, tokenizer.eos_token_id,
+                                                   tokenizer.pad_token_id, with_logprobs=True)
     mask, _ = response_mask(responses, tokenizer.eos_token_id)
     sequences = torch.cat([input_ids, responses], 1)
     attention_mask = torch.cat([prompt_mask, mask.long()], 1)
@@ -136,3 +138,54 @@ def test_sampler_logprobs_match_a_full_forward_pass(temperature):
     full = response_logprobs(logits, responses, temperature)
     assert_close(logp * mask, full * mask, atol=1e-4, rtol=1e-4)
     assert (logp * mask).abs().sum() > 0
+
+
+@pytest.mark.parametrize(("greedy", "temperature", "top_p"), [(True, 1.0, 1.0), (False, 1.0, 1.0), (False, 0.7, 0.9)])
+def test_loop_sampler_draws_the_tokens_generate_draws(greedy, temperature, top_p):
+    """Same seed, same tokens and log-probs as transformers' generate: greedy, sampling, temperature + top-p."""
+    from vrpo_pl.rollout import GenerationSettings
+    from vrpo_pl.sampling import HFSampler, LoopSampler
+
+    tokenizer, policy, input_ids, prompt_mask = _tiny_prompts()
+    settings = GenerationSettings(max_new_tokens=10, temperature=temperature, top_p=top_p)
+    out = {}
+    for sampler in (HFSampler(), LoopSampler()):
+        torch.manual_seed(3)
+        out[type(sampler).__name__] = sampler.sample(policy, input_ids, prompt_mask, settings, tokenizer.eos_token_id,
+                                                     tokenizer.pad_token_id, greedy=greedy, with_logprobs=True)
+    (hf_tokens, hf_logp), (loop_tokens, loop_logp) = out["HFSampler"], out["LoopSampler"]
+    assert torch.equal(loop_tokens, hf_tokens)
+    assert_close(loop_logp, hf_logp, atol=1e-5, rtol=1e-5)
+
+
+def test_loop_sampler_pads_after_eos_and_stops_when_all_ended():
+    """A sequence that emits EOS gets padding after it; the loop ends once every sequence has (here: the first
+    greedy token of each prompt is declared an EOS, so all end at step 1 or 2)."""
+    from vrpo_pl.rollout import GenerationSettings
+    from vrpo_pl.sampling import HFSampler, LoopSampler
+
+    tokenizer, policy, input_ids, prompt_mask = _tiny_prompts()
+    settings = GenerationSettings(max_new_tokens=8)
+    first, _ = LoopSampler().sample(policy, input_ids, prompt_mask, GenerationSettings(max_new_tokens=1),
+                                    tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    eos = sorted(set(first[:, 0].tolist()))[:1]  # the first prompts' opening token is an EOS now
+    pad = tokenizer.pad_token_id
+    loop, _ = LoopSampler().sample(policy, input_ids, prompt_mask, settings, eos, pad, greedy=True)
+    hf, _ = HFSampler().sample(policy, input_ids, prompt_mask, settings, eos, pad, greedy=True)
+    assert torch.equal(loop, hf)
+    ended = (loop == eos[0]).any(1)
+    assert ended.any()
+    for row in loop[ended]:
+        after = row[(row == eos[0]).nonzero()[0, 0] + 1 :]
+        assert (after == pad).all()
+
+
+def test_top_p_filter_matches_transformers():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from vrpo_pl.sampling import top_p_filter
+
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 2
+    for top_p in (0.3, 0.9, 1.0):
+        expected = TopPLogitsWarper(top_p)(None, scores.clone()) if top_p < 1 else scores
+        assert torch.equal(top_p_filter(scores.clone(), top_p).isinf(), expected.isinf())

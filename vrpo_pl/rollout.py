@@ -1,4 +1,5 @@
-"""Rollout: prompt formatting, batched sampling, the :class:`Rollout` record and the scoring passes over it.
+"""Rollout: prompt formatting, sampling (through a :mod:`vrpo_pl.sampling` backend), the :class:`Rollout` record
+and the scoring passes over it.
 
 A training step's first phase is :func:`sample_rollout` (prompts -> tokens -> responses) followed by
 :func:`score_rollout` (the no-gradient passes: old log-probs unless the sampler gave them, the reference's
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from vrpo_pl.losses import logprobs_from_logits, token_logprobs_and_entropy
 from vrpo_pl.rewards.base import Completion
+from vrpo_pl.sampling import Sampler
 
 
 @dataclass
@@ -46,6 +48,10 @@ class PromptSettings:
 class GenerationSettings:
     """Sampling settings of the rollout (validation always decodes greedily)."""
 
+    backend: Literal["loop", "hf"] = "loop"
+    """The sampler (:mod:`vrpo_pl.sampling`): ``loop``, our decode loop with a static KV cache, sampling straight
+    from the last position's logits; ``hf``, transformers' ``generate``. Same prompts, temperature, top-p and EOS
+    handling."""
     max_new_tokens: int = 64
     """Longest response in tokens; a response cut here has no EOS and is marked truncated."""
     temperature: float = 1.0
@@ -144,37 +150,6 @@ def response_mask(responses: Tensor, eos_token_id: int | list[int]) -> tuple[Ten
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding, as ``generate`` uses them: cumsum(mask) - 1, clamped at 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def sample_responses(
-    policy: nn.Module, input_ids: Tensor, attention_mask: Tensor, settings: GenerationSettings, eos_token_id,
-    pad_token_id: int, greedy: bool = False, with_logprobs: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Samples responses with the KV cache.
-
-    Returns:
-        (B, A) response tokens (A = longest response); with ``with_logprobs`` also their (B, A) log-probs under the
-        sampler's own logits / temperature (the distribution they were drawn from when ``top_p`` is 1).
-    """
-    kwargs = {"do_sample": False} if greedy else {
-        "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0,
-    }
-    if with_logprobs:
-        kwargs.update(output_logits=True, return_dict_in_generate=True)
-    out = policy.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True, **kwargs,
-    )
-    if not with_logprobs:
-        return out[:, input_ids.shape[1] :]
-    responses = out.sequences[:, input_ids.shape[1] :]
-    # One step at a time: never a (B, A, V) float32 copy beside the sampler's own logits.
-    logp = torch.stack([
-        response_logprobs(step_logits[:, None], responses[:, t : t + 1], settings.temperature)[:, 0]
-        for t, step_logits in enumerate(out.logits)
-    ], dim=1)
-    return responses, logp
 
 
 def response_logits(
@@ -286,7 +261,7 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 @torch.no_grad()
 def sample_rollout(
-    policy: nn.Module, tokenizer, prompts: list[str], prompt_settings: PromptSettings,
+    sampler: Sampler, policy: nn.Module, tokenizer, prompts: list[str], prompt_settings: PromptSettings,
     generation: GenerationSettings, device: torch.device, *, greedy: bool = False, with_logprobs: bool = False,
 ) -> Rollout:
     """Formats, tokenizes and answers a batch of prompts (KV-cache sampling, or greedy decoding for validation).
@@ -297,9 +272,8 @@ def sample_rollout(
     """
     input_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, prompt_settings)
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-    out = sample_responses(policy, input_ids, prompt_mask, generation, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, greedy=greedy, with_logprobs=with_logprobs)
-    responses, logp = out if with_logprobs else (out, None)
+    responses, logp = sampler.sample(policy, input_ids, prompt_mask, generation, tokenizer.eos_token_id,
+                                     tokenizer.pad_token_id, greedy=greedy, with_logprobs=with_logprobs)
     mask, truncated = response_mask(responses, tokenizer.eos_token_id)
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
     return Rollout(torch.cat([input_ids, responses], dim=1), attention_mask, position_ids_from_mask(attention_mask),

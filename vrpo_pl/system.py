@@ -46,7 +46,7 @@ from vrpo_pl.advantages import RunningMoments, compute_advantages, masked_mean, 
 from vrpo_pl.critic import ValueModel
 from vrpo_pl.metrics import MetricAccumulator, PhaseTimer
 from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, resolve_dtype, torch_dtype
-from vrpo_pl.rewards.base import RewardError, RewardFunction, call_reward, nonfinite_message
+from vrpo_pl.rewards.base import RewardError, RewardFunction, call_reward, needs_groups, nonfinite_message
 from vrpo_pl.rollout import (
     GenerationSettings,
     PromptSettings,
@@ -59,6 +59,7 @@ from vrpo_pl.rollout import (
     score_rollout,
     token_budget_batches,
 )
+from vrpo_pl.sampling import make_sampler
 from vrpo_pl.settings import (
     CriticSettings,
     KLSettings,
@@ -152,6 +153,7 @@ class RLSystem(pl.LightningModule):
         self._nonfinite_in_row = {"policy": 0, "critic": 0}
         self.guide_callback = None
         self.timer = PhaseTimer()
+        self.sampler = make_sampler(self.generation.backend)
         self.last_rollout: Rollout | None = None
         self.last_rollout_stats: dict[str, float] | None = None
         self.last_samples: list[dict[str, Any]] = []
@@ -240,6 +242,11 @@ class RLSystem(pl.LightningModule):
                 f"--model.ppo.mini_batch_size={mini} must divide the rollout batch B = --data.prompts_per_rollout x "
                 f"--data.samples_per_prompt = {rollout_batch}"
             )
+        if needs_groups(self.reward) and samples_per_prompt is not None and samples_per_prompt < 2:
+            raise ValueError(
+                f"--model.reward {type(self.reward).__name__} votes among the responses to each prompt: "
+                f"--data.samples_per_prompt={samples_per_prompt} must be >= 2"
+            )
         if self.algorithm == "grpo" and samples_per_prompt is not None and samples_per_prompt < 2:
             raise ValueError(
                 f"--model.algorithm grpo compares responses to the same prompt: --data.samples_per_prompt="
@@ -279,6 +286,7 @@ class RLSystem(pl.LightningModule):
         # 5. PPO update: epochs over mini-batches, policy then critic.
         with self.timer("update"):
             update_metrics = self._ppo_update(rollout)
+            self.sampler.update(self.policy)  # a backend with its own weights syncs them before the next rollout
         # 6. Log.
         self._count_rollout()
         metrics = {**self._rollout_metrics(rollout, kl, train_scores, gold), **reward_metrics, **update_metrics}
@@ -316,7 +324,7 @@ class RLSystem(pl.LightningModule):
     def _rollout(self, batch: dict[str, Any]) -> Rollout:
         reuse = self.sampler_logprobs
         with self.timer("generation"):
-            rollout = sample_rollout(self.policy, self.tokenizer, list(batch["prompt"]), self.prompt,
+            rollout = sample_rollout(self.sampler, self.policy, self.tokenizer, list(batch["prompt"]), self.prompt,
                                      self.generation, self.device, with_logprobs=reuse)
         rollout.group = torch.as_tensor(batch["group"], device=self.device)
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else None
@@ -531,8 +539,8 @@ class RLSystem(pl.LightningModule):
     @torch.no_grad()
     def _greedy(self, batch: dict[str, Any], where: str) -> tuple[Rollout, Tensor | None]:
         """Greedy responses to a batch of prompts and their gold rewards ((B,), or None without a verifier)."""
-        rollout = sample_rollout(self.policy, self.tokenizer, list(batch["prompt"]), self.prompt, self.generation,
-                                 self.device, greedy=True)
+        rollout = sample_rollout(self.sampler, self.policy, self.tokenizer, list(batch["prompt"]), self.prompt,
+                                 self.generation, self.device, greedy=True)
         _, completions = decode_completions(self.tokenizer, batch, rollout)
         gold = call_reward(self.reward, completions, where, gold_only=True)
         return rollout, None if gold is None else gold.to(self.device)

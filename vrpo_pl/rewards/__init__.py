@@ -9,6 +9,7 @@ from vrpo_pl.rewards.noise import (
     SymmetricFlip,
     observed_flip_rates,
 )
+from vrpo_pl.rewards.pseudo_labels import MajorityVote
 from vrpo_pl.rewards.reward_model import RewardModel
 from vrpo_pl.rewards.verifiers import NumericVerifier, ReasoningGymVerifier, extract_answer, parse_number
 
@@ -18,6 +19,7 @@ __all__ = [
     "FlipRateCorrection",
     "GaussianNoise",
     "LengthBias",
+    "MajorityVote",
     "NumericVerifier",
     "ReasoningGymVerifier",
     "RewardFunction",

@@ -125,3 +125,12 @@ def nonfinite_message(reward: RewardFunction, train: Tensor, completions: list[C
     return (f"the reward {type(reward).__name__} returned {train[i].item()} for sample {i} of {where} (prompt "
             f"{completions[i].prompt[:60]!r}, response {completions[i].response[:60]!r}); {len(bad)} non-finite in "
             "the batch")
+
+
+def needs_groups(reward: object) -> bool:
+    """Whether ``reward`` (or a reward it wraps, through ``base``) compares the G responses to one prompt."""
+    while reward is not None:
+        if getattr(reward, "needs_groups", False):
+            return True
+        reward = getattr(reward, "base", None)
+    return False

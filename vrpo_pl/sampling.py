@@ -1,0 +1,143 @@
+"""Samplers: the backends that turn tokenized prompts into responses for the rollout and for validation.
+
+Every backend implements :class:`Sampler`: ``sample`` returns the responses (B, A), padded after their end, and
+optionally their log-probs under the distribution they were drawn from; ``update`` is called after each PPO update
+of the policy (before the next rollout), for a backend that keeps its own copy of the weights (the in-process ones
+read the policy itself and need nothing). Chosen by ``--model.generation.backend``:
+
+- ``loop`` (default): our decode loop. One prefill pass computes logits at the last prompt position only, a static
+  KV cache (preallocated, written in place) serves every decode step, and each step samples straight from its last
+  logits: no logits processors, stopping criteria or growing caches. Semantics are those of Hugging Face
+  ``generate`` as the system uses it: left-padded prompts, positions that skip the padding, temperature then top-p
+  (top-k off), every sequence padded after its first EOS, and the loop ends when all have ended or at
+  ``max_new_tokens``. Given the same seed it draws the same tokens as ``generate`` (tested, float32).
+- ``hf``: ``transformers``' ``generate``, for models or cache types the loop does not handle.
+
+Shapes: B sequences, P prompt length (left-padded), A response length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from vrpo_pl.rollout import GenerationSettings
+
+
+class Sampler(ABC):
+    """A generation backend (see the module docstring)."""
+
+    @abstractmethod
+    def sample(
+        self, policy: nn.Module, input_ids: Tensor, attention_mask: Tensor, settings: GenerationSettings,
+        eos_token_id: int | list[int], pad_token_id: int, greedy: bool = False, with_logprobs: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Responses to (B, P) left-padded prompts.
+
+        Returns:
+            ``(responses, logp)``: (B, A) tokens (A = the longest response; ``pad_token_id`` after each EOS) and,
+            with ``with_logprobs``, their (B, A) log-probs under logits / temperature (else None).
+        """
+
+    def update(self, policy: nn.Module) -> None:  # noqa: B027 (in-process samplers read the policy directly)
+        """Called after each PPO update of the policy: a backend holding its own weights syncs them here."""
+
+
+def _step_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def top_p_filter(scores: Tensor, top_p: float) -> Tensor:
+    """Nucleus filtering as ``transformers``' ``TopPLogitsWarper``: keeps the smallest set of most likely tokens
+    whose probability reaches ``top_p`` (at least one), the others set to -inf. Shape: (B, V).
+
+    >>> top_p_filter(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), 0.7).isinf().tolist()
+    [[False, False, True]]
+    """
+    if top_p >= 1.0:
+        return scores
+    sorted_scores, order = torch.sort(scores, descending=False)
+    remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+class HFSampler(Sampler):
+    """``transformers``' ``generate`` with the KV cache."""
+
+    def sample(self, policy, input_ids, attention_mask, settings, eos_token_id, pad_token_id, greedy=False,
+               with_logprobs=False):
+        kwargs = {"do_sample": False} if greedy else {
+            "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0,
+        }
+        if with_logprobs:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
+        out = policy.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True, **kwargs,
+        )
+        if not with_logprobs:
+            return out[:, input_ids.shape[1] :], None
+        responses = out.sequences[:, input_ids.shape[1] :]
+        # One step at a time: never a (B, A, V) float32 copy beside the sampler's own logits.
+        logp = torch.stack([_step_logprobs(step, responses[:, t], settings.temperature)
+                            for t, step in enumerate(out.logits)], dim=1)
+        return responses, logp
+
+
+class LoopSampler(Sampler):
+    """Our decode loop with a static KV cache (see the module docstring)."""
+
+    @torch.no_grad()
+    def sample(self, policy, input_ids, attention_mask, settings, eos_token_id, pad_token_id, greedy=False,
+               with_logprobs=False):
+        from transformers import StaticCache
+
+        batch, prompt = input_ids.shape
+        device, total = input_ids.device, prompt + settings.max_new_tokens
+        eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
+        config = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
+        cache = StaticCache(config=config, max_cache_len=total)
+        # The static cache attends over all `total` slots: the mask marks which hold tokens (prompt now, one more
+        # column per step).
+        mask = torch.zeros(batch, total, dtype=attention_mask.dtype, device=device)
+        mask[:, :prompt] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1).logits[:, -1]
+        position = positions[:, -1:]
+        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        tokens, logps = [], []
+        for step in range(settings.max_new_tokens):
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                scores = top_p_filter(logits.float() / settings.temperature, settings.top_p)
+                token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+            token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
+            tokens.append(token)
+            if with_logprobs:
+                logps.append(_step_logprobs(logits, token, settings.temperature))
+            unfinished &= ~torch.isin(token, eos)
+            if step == settings.max_new_tokens - 1 or not bool(unfinished.any()):
+                break
+            mask[:, prompt + step] = 1
+            position = position + 1
+            logits = policy(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                            past_key_values=cache, use_cache=True).logits[:, -1]
+        responses = torch.stack(tokens, dim=1)
+        return responses, torch.stack(logps, dim=1) if with_logprobs else None
+
+
+SAMPLERS: dict[str, type[Sampler]] = {"loop": LoopSampler, "hf": HFSampler}
+
+
+def make_sampler(backend: str) -> Sampler:
+    """The sampler for ``--model.generation.backend``."""
+    if backend not in SAMPLERS:
+        raise ValueError(f"--model.generation.backend={backend!r}: use one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[backend]()
