@@ -4,8 +4,10 @@ At every validation (and before training when the module validates at start) the
 ``num_prompts`` validation prompts greedily; for each response token the view shows the critic's value V_t, the
 GAE advantage A_t (against the gold reward, with the KL penalty, not whitened), and the guide's entropy H_t and
 surprisal S_t. It writes a Markdown table (TensorBoard text ``key_tokens``) and a heat map image
-(``key_tokens/heatmap``): rows are the quantities (with their range), columns the tokens, each row normalized to
-its own range.
+(``key_tokens/heatmap``): rows are the quantities, columns the tokens. Each quantity has one colour scale shared by
+every prompt of the image (:func:`row_scales`): the advantage on a diverging scale centred at 0 (red negative, blue
+positive, white 0), so a wrong answer's negative advantages never look like a right answer's positive ones; the
+value on the reward's scale (it predicts the return); entropy and surprisal from 0.
 """
 
 from __future__ import annotations
@@ -29,24 +31,50 @@ def token_table(view: dict[str, Any], max_tokens: int = 48) -> str:
     return "\n".join(lines)
 
 
+def row_scales(views: list[dict[str, Any]], max_tokens: int = 32) -> dict[str, tuple[str, float, float]]:
+    """The colour map and (low, high) of each quantity, shared by all ``views`` (see the module docstring)."""
+    def values(row: str) -> list[float]:
+        return [x for v in views if v.get(row) is not None for x in v[row][:max_tokens]]
+
+    scales = {}
+    advantage = values("advantage")
+    if advantage:
+        extent = max(max(abs(x) for x in advantage), 1e-6)
+        scales["advantage"] = ("RdBu", -extent, extent)
+    value = values("value")
+    if value:
+        golds = [v["gold"] for v in views]
+        scales["value"] = ("viridis", min(0.0, *golds, *value), max(1.0, *golds, *value))
+    for row in ("entropy", "surprisal"):
+        if values(row):
+            scales[row] = ("magma", 0.0, max(max(values(row)), 1e-6))
+    return scales
+
+
 def heatmap_figure(views: list[dict[str, Any]], max_tokens: int = 32):
-    """A matplotlib figure: one panel per response, rows = quantities, columns = tokens, colour = row-normalized."""
+    """A matplotlib figure: one panel per response, rows = quantities, columns = tokens, colour on the shared scales
+    of :func:`row_scales` (each row label names its scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    scales = row_scales(views, max_tokens)
     fig, axes = plt.subplots(len(views), 1, figsize=(min(2 + 0.55 * max_tokens, 22), 2.2 * len(views)), squeeze=False)
     for ax, view in zip(axes[:, 0], views, strict=True):
         rows = [r for r in ROWS if view.get(r) is not None]
-        data = torch.tensor([view[r][:max_tokens] for r in rows], dtype=torch.float)
-        low, high = data.min(1, keepdim=True).values, data.max(1, keepdim=True).values
-        ax.imshow(((data - low) / (high - low).clamp(min=1e-8)).numpy(), aspect="auto", cmap="viridis")
-        labels = [f"{r} [{lo:.2g}, {hi:.2g}]" for r, lo, hi in zip(rows, low[:, 0], high[:, 0], strict=True)]
-        ax.set_yticks(range(len(rows)), labels, fontsize=8)
         tokens = [repr(t)[1:-1] for t in view["tokens"][:max_tokens]]
+        for i, row in enumerate(rows):
+            cmap, low, high = scales[row]
+            data = torch.tensor([view[row][:max_tokens]], dtype=torch.float).numpy()
+            ax.imshow(data, aspect="auto", cmap=cmap, vmin=low, vmax=high,
+                      extent=(-0.5, len(tokens) - 0.5, i + 0.5, i - 0.5))
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        labels = [f"{r} [{scales[r][1]:.2g}, {scales[r][2]:.2g}]" for r in rows]
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
         ax.set_xticks(range(len(tokens)), tokens, rotation=60, fontsize=7, ha="right")
         ax.set_title(f"{view['prompt'][-70:]}  (gold {view['gold']:.0f})", fontsize=8)
+    fig.suptitle("advantage: red < 0 < blue, one scale for all prompts; value: the reward's scale", fontsize=8)
     fig.tight_layout()
     return fig
 
