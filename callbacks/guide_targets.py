@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vrpo_pl.advantages import RunningMoments
 from vrpo_pl.losses import key_token_mask
-from vrpo_pl.models import LMSource
+from vrpo_pl.models import LMSource, contiguous_lm_head
 from vrpo_pl.rollout import guide_targets, response_logits
 
 
@@ -72,7 +72,7 @@ class FrozenLMTargets(pl.Callback):
                 f"FrozenLMTargets: the guide's tokenizer has {guide_vocab} tokens but the policy's has {policy_vocab}; "
                 "the guide must share the policy's tokenizer (or leave `guide` unset to use the reference model)"
             )
-        self.guide = self.guide_source.causal_lm(pl_module.model_dtype).requires_grad_(False).eval()
+        self.guide = contiguous_lm_head(self.guide_source.causal_lm(pl_module.model_dtype)).requires_grad_(False).eval()
         self.guide.to(pl_module.device)
 
     @torch.no_grad()

@@ -141,3 +141,20 @@ def test_vib_critic_fits_a_regression_on_fixed_features():
         ev = explained_variance(head(hidden[512:]).values, target[512:], mask[512:])
     ceiling = 1 - 0.09 / float(target[512:].var())  # the noise's share cannot be explained
     assert ev > 0.5, (float(ev), ceiling)
+
+
+def test_lm_head_gets_a_contiguous_input_and_the_same_logits():
+    """The pre-hook that works around pytorch/pytorch#151934 changes nothing but the input's layout."""
+    from vrpo_pl.models import contiguous_lm_head
+
+    lm = TinyLM().causal_lm(torch.float32).eval()
+    ids = torch.randint(0, 300, (3, 9))
+    with torch.no_grad():
+        expected = lm(input_ids=ids, logits_to_keep=4).logits
+        seen = []
+        lm.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+        contiguous_lm_head(contiguous_lm_head(lm))  # idempotent: one hook
+        got = lm(input_ids=ids, logits_to_keep=4).logits
+    assert seen == [False]  # the sliced hidden states reach the hooks as a view ...
+    assert torch.equal(got, expected)
+    assert len(lm.get_output_embeddings()._forward_pre_hooks) == 2  # ... ours (once) made it contiguous after

@@ -6,6 +6,7 @@ Shapes: B sequences, T full length, A response tokens, H hidden size, Z latent s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -87,7 +88,7 @@ class ValueHead(nn.Module):
     def __init__(
         self, hidden_size: int, vib: bool = False, latent_dim: int = 64, decoder_hidden: int = 128,
         aux_targets: int = 0, input_norm: bool = True, init_logvar: float = -2.0, value_samples: int = 8,
-        normalize_values: bool = False,
+        normalize_values: bool = False, aux_input: Literal["latent", "hidden"] = "latent",
     ) -> None:
         """
         Args:
@@ -100,6 +101,8 @@ class ValueHead(nn.Module):
             init_logvar: the VIB posterior's initial log-variance.
             value_samples: draws of z averaged for rollout values, rounded up to an even number (0: z = mu).
             normalize_values: predict standardized returns (running statistics, see :class:`ReturnNormalizer`).
+            aux_input: what the auxiliary heads read with a VIB: the latent z (``latent``) or the normalized hidden
+                state before the bottleneck (``hidden``).
         """
         super().__init__()
         if min(hidden_size, latent_dim, decoder_hidden) < 1 or aux_targets < 0 or value_samples < 0:
@@ -111,8 +114,10 @@ class ValueHead(nn.Module):
         self.config = {"hidden_size": hidden_size, "vib": vib, "latent_dim": latent_dim,
                        "decoder_hidden": decoder_hidden, "aux_targets": aux_targets, "input_norm": input_norm,
                        "init_logvar": init_logvar, "value_samples": value_samples,
-                       "normalize_values": normalize_values}
-        self.vib, self.value_samples = vib, value_samples
+                       "normalize_values": normalize_values, "aux_input": aux_input}
+        if aux_input not in ("latent", "hidden"):
+            raise ValueError(f"ValueHead: aux_input={aux_input!r} (--model.critic.aux_input) must be latent or hidden")
+        self.vib, self.value_samples, self.aux_input = vib, value_samples, aux_input
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False) if input_norm else nn.Identity()
         self.return_norm = ReturnNormalizer() if normalize_values else None
         features = hidden_size
@@ -132,7 +137,8 @@ class ValueHead(nn.Module):
                 self.register_buffer("value_eps", torch.cat([half, -half]), persistent=False)  # rebuilt from seed 0
         else:
             self.decoder = nn.Linear(hidden_size, 1)
-        self.aux = nn.Linear(features, aux_targets) if aux_targets > 0 else None
+        aux_features = hidden_size if aux_input == "hidden" else features
+        self.aux = nn.Linear(aux_features, aux_targets) if aux_targets > 0 else None
         last = self.decoder[-1] if vib else self.decoder
         # A small output layer: the first values sit within a few hundredths of 0 (the scale of 0/1 rewards) for
         # any backbone; the plain head's 1/(H+1) is OpenRLHF's choice, the decoder's 1/(hidden+1) the same rule.
@@ -165,7 +171,7 @@ class ValueHead(nn.Module):
         else:
             z = mu
             values = self.decoder(z).squeeze(-1)
-        aux = self.aux(z) if self.aux is not None else None
+        aux = None if self.aux is None else self.aux(hidden if self.aux_input == "hidden" else z)
         return ValueOutput(values=self._denormalize(values), mu=mu, logvar=logvar, aux=aux)
 
     def _denormalize(self, values: Tensor) -> Tensor:

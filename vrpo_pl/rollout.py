@@ -49,9 +49,9 @@ class GenerationSettings:
     """Sampling settings of the rollout (validation always decodes greedily)."""
 
     backend: Literal["loop", "hf"] = "loop"
-    """The sampler (:mod:`vrpo_pl.sampling`): ``loop``, our decode loop with a static KV cache, sampling straight
-    from the last position's logits; ``hf``, transformers' ``generate``. Same prompts, temperature, top-p and EOS
-    handling."""
+    """The sampler (:mod:`vrpo_pl.sampling`): ``loop``, our decode loop, sampling straight from the last position's
+    logits; ``hf``, transformers' ``generate``. Same prompts, temperature, top-p and EOS handling (and the same tokens
+    for a seed)."""
     max_new_tokens: int = 64
     """Longest response in tokens; a response cut here has no EOS and is marked truncated."""
     temperature: float = 1.0

@@ -5,9 +5,11 @@ optionally their log-probs under the distribution they were drawn from; ``update
 of the policy (before the next rollout), for a backend that keeps its own copy of the weights (the in-process ones
 read the policy itself and need nothing). Chosen by ``--model.generation.backend``:
 
-- ``loop`` (default): our decode loop. One prefill pass computes logits at the last prompt position only, a static
-  KV cache (preallocated, written in place) serves every decode step, and each step samples straight from its last
-  logits: no logits processors, stopping criteria or growing caches. Semantics are those of Hugging Face
+- ``loop`` (default): our decode loop. One prefill pass computes logits at the last prompt position only, the KV
+  cache grows by one position per step, and each step samples straight from its last logits: no logits processors
+  or stopping criteria. Measured on SmolLM2 + LoRA, 32 x 32 tokens, bf16, 2 AMD EPYC cores: within 5% of
+  ``generate`` (4.6-5.0 s against 4.8-5.3 s): what a step costs is its small matrix products, not the loop around
+  them; a preallocated static cache was slower (5.2-5.3 s). Semantics are those of Hugging Face
   ``generate`` as the system uses it: left-padded prompts, positions that skip the padding, temperature then top-p
   (top-k off), every sequence padded after its first EOS, and the loop ends when all have ended or at
   ``max_new_tokens``. Given the same seed it draws the same tokens as ``generate`` (tested, float32).
@@ -90,25 +92,24 @@ class HFSampler(Sampler):
 
 
 class LoopSampler(Sampler):
-    """Our decode loop with a static KV cache (see the module docstring)."""
+    """Our decode loop (see the module docstring)."""
 
     @torch.no_grad()
     def sample(self, policy, input_ids, attention_mask, settings, eos_token_id, pad_token_id, greedy=False,
                with_logprobs=False):
-        from transformers import StaticCache
+        from transformers import DynamicCache
 
         batch, prompt = input_ids.shape
         device, total = input_ids.device, prompt + settings.max_new_tokens
         eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
         config = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
-        cache = StaticCache(config=config, max_cache_len=total)
-        # The static cache attends over all `total` slots: the mask marks which hold tokens (prompt now, one more
-        # column per step).
-        mask = torch.zeros(batch, total, dtype=attention_mask.dtype, device=device)
+        cache = DynamicCache(config=config)
+        # One buffer for the attention mask: the prompt's, then one more column of ones per step.
+        mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
         mask[:, :prompt] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = policy(input_ids=input_ids, attention_mask=mask[:, :prompt], position_ids=positions,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         position = positions[:, -1:]
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         tokens, logps = [], []
@@ -125,10 +126,9 @@ class LoopSampler(Sampler):
             unfinished &= ~torch.isin(token, eos)
             if step == settings.max_new_tokens - 1 or not bool(unfinished.any()):
                 break
-            mask[:, prompt + step] = 1
             position = position + 1
-            logits = policy(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                            past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = policy(input_ids=token[:, None], attention_mask=mask[:, : prompt + step + 1],
+                            position_ids=position, past_key_values=cache, use_cache=True).logits[:, -1]
         responses = torch.stack(tokens, dim=1)
         return responses, torch.stack(logps, dim=1) if with_logprobs else None
 

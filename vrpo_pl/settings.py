@@ -171,6 +171,9 @@ class CriticSettings:
     ``none`` (our choice of forms). Needs the FrozenLMTargets callback."""
     aux_coef: float = 0.1
     """lambda_aux, the auxiliary loss weight (our choice)."""
+    aux_input: Literal["latent", "hidden"] = "latent"
+    """``predict``: the auxiliary heads read the VIB latent z (``latent``), or the critic's hidden state before the
+    bottleneck (``hidden``: the body keeps the key-word information, the bottleneck's budget goes to the value)."""
     aux_key_only: bool = False
     """``predict``: regress the targets on key tokens only (else on every response token)."""
     key_alpha: float = 1.0
