@@ -158,3 +158,32 @@ def test_lm_head_gets_a_contiguous_input_and_the_same_logits():
     assert seen == [False]  # the sliced hidden states reach the hooks as a view ...
     assert torch.equal(got, expected)
     assert len(lm.get_output_embeddings()._forward_pre_hooks) == 2  # ... ours (once) made it contiguous after
+
+
+def test_training_attention_is_eager_for_bf16_on_cpu_and_gives_the_same_gradient():
+    from transformers import LlamaForCausalLM
+
+    from vrpo_pl.models import training_attention
+
+    source = TinyLM()
+    config = source._config()
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(config).to(torch.bfloat16)
+    ids = torch.randint(0, 300, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+
+    def gradient():
+        lm.zero_grad()
+        lm(input_ids=ids, attention_mask=mask).logits.float().logsumexp(-1)[mask.bool()].sum().backward()
+        return lm.model.layers[0].self_attn.q_proj.weight.grad.float().clone()
+
+    fused = gradient()
+    with training_attention(lm, None):
+        assert lm.config._attn_implementation == "eager"
+        eager = gradient()
+    assert lm.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(eager, fused, atol=0.05, rtol=0.05)  # bf16 rounding
+    with training_attention(lm.float()):
+        assert lm.config._attn_implementation == "sdpa"  # float32: left alone

@@ -24,52 +24,61 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def _entropy_from(x: Tensor, lse: Tensor) -> Tensor:
-    """Entropy of softmax(x) given its log-normalizer: lse - sum_v p_v x_v, with p_v = 0 where x_v = -inf."""
-    p = torch.exp(x - lse[:, None])
-    return lse - torch.where(p > 0, p * x, torch.zeros_like(x)).sum(-1)
-
-
 class _TokenLogProbs(torch.autograd.Function):
-    """log softmax(logits / T) at ``tokens``, and the entropy (no gradient), in float32 chunks of rows.
+    """log softmax(logits / T) at ``tokens``, and optionally the entropy (no gradient), in float32 chunks of rows.
 
-    Saves only the logits themselves (in their own dtype) and the (N,) log-normalizers for backward, which
-    recomputes the softmax chunk by chunk: the float32 (N, V) log-softmax that autograd would keep is never
-    materialized.
+    Saves only the logits themselves (in their own dtype) for backward, which recomputes the softmax chunk by
+    chunk: the float32 (N, V) log-softmax that autograd would keep is never materialized beyond one chunk.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float):
+    def _normalized(logits: Tensor, temperature: float, log: bool) -> Tensor:
+        """(log-)softmax of a chunk of logits / temperature in float32; at temperature 1 the cast is fused into the
+        softmax (no float32 copy of the chunk), and the saved logits are never modified."""
+        softmax = torch.log_softmax if log else torch.softmax
+        if temperature == 1.0:
+            return softmax(logits, dim=-1, dtype=torch.float32)
+        x = logits.float()
+        x = x.div_(temperature) if x.data_ptr() != logits.data_ptr() else x / temperature
+        return softmax(x, dim=-1)
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, with_entropy: bool):
         n, vocab = logits.shape
         logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-        entropy = torch.empty_like(logp)
-        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else None
         step = _chunk_rows(vocab)
         for s in range(0, n, step):
-            x = logits[s : s + step].float() / temperature
-            lse[s : s + step] = torch.logsumexp(x, dim=-1)
-            logp[s : s + step] = x.gather(-1, tokens[s : s + step, None]).squeeze(-1) - lse[s : s + step]
-            entropy[s : s + step] = _entropy_from(x, lse[s : s + step])
-        ctx.save_for_backward(logits, tokens, lse)
+            lsm = _TokenLogProbs._normalized(logits[s : s + step], temperature, log=True)
+            logp[s : s + step] = lsm.gather(-1, tokens[s : s + step, None]).squeeze(-1)
+            if with_entropy:
+                # -sum p log p; a -inf logit gives 0 * -inf = nan, which nansum counts as the 0 it is.
+                entropy[s : s + step] = torch.nansum(lsm.exp() * lsm, dim=-1).neg_()
+        ctx.save_for_backward(logits, tokens)
         ctx.temperature = temperature
+        if entropy is None:
+            return logp, torch.zeros(0, device=logits.device)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp: Tensor, grad_entropy: Tensor):
-        logits, tokens, lse = ctx.saved_tensors
+        logits, tokens = ctx.saved_tensors
         grad = torch.empty_like(logits)
         step = _chunk_rows(logits.shape[1])
         for s in range(0, logits.shape[0], step):
             g = grad_logp[s : s + step, None]
-            x = logits[s : s + step].float() / ctx.temperature
-            d = -torch.exp(x - lse[s : s + step, None]) * g  # d logp / d x = onehot - softmax
-            d.scatter_add_(-1, tokens[s : s + step, None], g)
-            grad[s : s + step] = (d / ctx.temperature).to(logits.dtype)
-        return grad, None, None
+            d = _TokenLogProbs._normalized(logits[s : s + step], ctx.temperature, log=False)
+            d.mul_(-g).scatter_add_(-1, tokens[s : s + step, None], g)  # d logp / d x = onehot - softmax
+            if ctx.temperature != 1.0:
+                d.div_(ctx.temperature)
+            grad[s : s + step] = d
+        return grad, None, None, None
 
 
-def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def token_logprobs_and_entropy(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, with_entropy: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """log pi(token | prefix) under logits / temperature, with gradient, and each distribution's entropy, without.
 
     Computed in float32 chunks whatever the logits' dtype; memory beyond the logits is O(rows) plus one chunk.
@@ -78,13 +87,15 @@ def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: floa
         logits: (..., V) next-token logits aligned with ``tokens``.
         tokens: (...) the tokens whose log-probabilities are wanted.
         temperature: divides the logits.
+        with_entropy: also compute the entropy (else None is returned for it).
 
     Returns:
         ``(logp, entropy)``: (...) float32 each, in nats.
     """
     shape = tokens.shape
-    logp, entropy = _TokenLogProbs.apply(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), temperature)
-    return logp.view(shape), entropy.view(shape)
+    logp, entropy = _TokenLogProbs.apply(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), temperature,
+                                         with_entropy)
+    return logp.view(shape), entropy.view(shape) if with_entropy else None
 
 
 def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -98,7 +109,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     Returns:
         (B, A) float32 log-probabilities.
     """
-    return token_logprobs_and_entropy(logits, tokens)[0]
+    return token_logprobs_and_entropy(logits, tokens, with_entropy=False)[0]
 
 
 def token_entropy(logits: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from vrpo_pl.losses import logprobs_from_logits, token_logprobs_and_entropy
+from vrpo_pl.models import training_attention
 from vrpo_pl.rewards.base import Completion
 from vrpo_pl.sampling import Sampler
 
@@ -317,7 +318,10 @@ def score_rollout(
         sl = slice(s, s + chunk)
         args = (r.sequences[sl], r.attention_mask[sl], r.position_ids[sl])
         if r.logp is None:
-            parts["logp"].append(response_logprobs(response_logits(policy, *args, num), r.responses[sl], temperature))
+            # The old log-probs in the update's own numerics (its attention kernel), so the first ratio is 1.
+            with training_attention(policy):
+                logits = response_logits(policy, *args, num)
+            parts["logp"].append(response_logprobs(logits, r.responses[sl], temperature))
         with reference_model(policy, reference) as ref:
             ref_logits = response_logits(ref, *args, num)
         parts["ref_logp"].append(response_logprobs(ref_logits, r.responses[sl], temperature))

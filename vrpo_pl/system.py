@@ -45,7 +45,7 @@ from vrpo_pl import losses as L
 from vrpo_pl.advantages import RunningMoments, compute_advantages, masked_mean, transform_scores
 from vrpo_pl.critic import ValueModel
 from vrpo_pl.metrics import MetricAccumulator, PhaseTimer
-from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, resolve_dtype, torch_dtype
+from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, resolve_dtype, torch_dtype, training_attention
 from vrpo_pl.rewards.base import RewardError, RewardFunction, call_reward, needs_groups, nonfinite_message
 from vrpo_pl.rollout import (
     GenerationSettings,
@@ -158,6 +158,8 @@ class RLSystem(pl.LightningModule):
         self.last_rollout_stats: dict[str, float] | None = None
         self.last_samples: list[dict[str, Any]] = []
         self.val_accuracy, self.val_length = MeanMetric(), MeanMetric()
+        self._val_outcomes: list[dict[str, Any]] = []
+        self.last_validation: dict[str, Any] | None = None  # this rank's per-question results of the last validation
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -377,7 +379,7 @@ class RLSystem(pl.LightningModule):
         metrics = MetricAccumulator(self.device)
         mini = self.ppo.mini_batch_size
         micro = self.ppo.micro_batch_size or mini
-        with distributed.no_ddp_sync(self.trainer.model):
+        with distributed.no_ddp_sync(self.trainer.model), training_attention(self.policy, self.critic):
             for _ in range(self.ppo.epochs):
                 order = torch.randperm(r.size, generator=self._shuffle_gen).to(self.device)
                 for start in range(0, r.size, mini):
@@ -537,13 +539,13 @@ class RLSystem(pl.LightningModule):
 
     # ------------------------------------------------------------- validation
     @torch.no_grad()
-    def _greedy(self, batch: dict[str, Any], where: str) -> tuple[Rollout, Tensor | None]:
-        """Greedy responses to a batch of prompts and their gold rewards ((B,), or None without a verifier)."""
+    def _greedy(self, batch: dict[str, Any], where: str) -> tuple[Rollout, Tensor | None, list[str]]:
+        """Greedy responses to a batch of prompts, their gold rewards ((B,), or None without a verifier) and texts."""
         rollout = sample_rollout(self.sampler, self.policy, self.tokenizer, list(batch["prompt"]), self.prompt,
                                  self.generation, self.device, greedy=True)
-        _, completions = decode_completions(self.tokenizer, batch, rollout)
+        texts, completions = decode_completions(self.tokenizer, batch, rollout)
         gold = call_reward(self.reward, completions, where, gold_only=True)
-        return rollout, None if gold is None else gold.to(self.device)
+        return rollout, None if gold is None else gold.to(self.device), texts
 
     @torch.no_grad()
     def token_view(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -553,7 +555,7 @@ class RLSystem(pl.LightningModule):
         advantage (GAE against the gold reward with the KL penalty, not whitened; None without a critic), value
         (None without a critic), guide entropy and surprisal.
         """
-        r, gold = self._greedy(batch, "the key-token view's validation prompts")
+        r, gold, _ = self._greedy(batch, "the key-token view's validation prompts")
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else reference_guide
         score_rollout(r, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
                       chunk=r.size, guide=guide)
@@ -575,10 +577,13 @@ class RLSystem(pl.LightningModule):
         return views
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        r, gold = self._greedy(batch, f"a validation batch after rollout batch {self.rollouts}")
+        r, gold, texts = self._greedy(batch, f"a validation batch after rollout batch {self.rollouts}")
         if gold is not None:
             self.val_accuracy.update(gold)
-        self.val_length.update(r.mask.sum(1).float())
+        lengths = r.mask.sum(1)
+        self.val_length.update(lengths.float())
+        self._val_outcomes += [{"id": batch["id"][i], "gold": None if gold is None else float(gold[i]),
+                                "length": int(lengths[i]), "response": texts[i]} for i in range(r.size)]
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._compute_val_metrics()
@@ -593,6 +598,8 @@ class RLSystem(pl.LightningModule):
             metrics["val/accuracy"] = float(self.val_accuracy.compute())
         self.val_accuracy.reset()
         self.val_length.reset()
+        self.last_validation = {"rollout": self.rollouts, "outcomes": self._val_outcomes}
+        self._val_outcomes = []
         return metrics
 
     def on_train_start(self) -> None:
