@@ -10,8 +10,9 @@ import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 from torch.testing import assert_close
 
-from vrpo_pl import losses
+from vrpo_pl import logprobs, losses
 from vrpo_pl.callbacks.kl_control import adaptive_kl_update
+from vrpo_pl.logprobs import logprobs_from_logits, token_entropy
 from vrpo_pl.losses import (
     aggregate,
     aux_predict_loss,
@@ -21,10 +22,8 @@ from vrpo_pl.losses import (
     key_token_mask,
     key_token_weights,
     kl_estimate,
-    logprobs_from_logits,
     pearson,
     reparameterize,
-    token_entropy,
     vib_kl,
 )
 
@@ -618,7 +617,7 @@ def _policy_inputs(seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(3, 4, 11, generator=generator)
     tokens = torch.randint(0, 11, (3, 4), generator=generator)
-    old = losses.logprobs_from_logits(logits, tokens) + 0.1 * torch.randn(3, 4, generator=generator)
+    old = logprobs.logprobs_from_logits(logits, tokens) + 0.1 * torch.randn(3, 4, generator=generator)
     advantages = torch.randn(3, 4, generator=generator)
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
     return logits, tokens, old, advantages, mask
@@ -626,16 +625,16 @@ def _policy_inputs(seed: int = 0):
 
 def test_logprobs_and_entropy_match_the_separate_functions():
     logits, tokens, *_ = _policy_inputs()
-    logp, entropy = losses.logprobs_and_entropy(logits, tokens, temperature=0.7)
-    torch.testing.assert_close(logp, losses.logprobs_from_logits(logits / 0.7, tokens))
-    torch.testing.assert_close(entropy, losses.token_entropy(logits / 0.7))
+    logp, entropy = logprobs.logprobs_and_entropy(logits, tokens, temperature=0.7)
+    torch.testing.assert_close(logp, logprobs.logprobs_from_logits(logits / 0.7, tokens))
+    torch.testing.assert_close(entropy, logprobs.token_entropy(logits / 0.7))
     assert not entropy.requires_grad
 
 
 def test_policy_objective_is_the_clipped_surrogate_plus_its_terms():
     logits, tokens, old, advantages, mask = _policy_inputs()
     logits.requires_grad_(True)
-    logp, entropy = losses.logprobs_and_entropy(logits, tokens, entropy_grad=True)
+    logp, entropy = logprobs.logprobs_and_entropy(logits, tokens, entropy_grad=True)
     ref = old - 0.2
     loss, stats = losses.policy_objective(logp, entropy, old, advantages, mask, entropy_coef=0.01, ref_logp=ref,
                                           kl_coef=0.1, kl_estimator="k3")
@@ -683,13 +682,13 @@ def test_critic_objective_sums_value_vib_and_auxiliary_terms(aux):
 def test_chunked_token_logprobs_match_the_full_log_softmax_and_its_gradient(dtype, monkeypatch):
     """The chunked primitive (forced to 3-row chunks) equals log_softmax + gather in value and gradient, and the
     entropy equals the categorical entropy."""
-    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 13)
+    monkeypatch.setattr(logprobs, "_CHUNK_ELEMENTS", 3 * 13)
     g = torch.Generator().manual_seed(7)
     logits = (torch.randn(2, 5, 13, generator=g) * 3).to(dtype)
     tokens = torch.randint(0, 13, (2, 5), generator=g)
     weights = torch.randn(2, 5, generator=g)
     chunked = logits.clone().requires_grad_(True)
-    logp, entropy = losses.token_logprobs_and_entropy(chunked, tokens, temperature=0.7)
+    logp, entropy = logprobs.token_logprobs_and_entropy(chunked, tokens, temperature=0.7)
     (logp * weights).sum().backward()
     full = logits.clone().float().requires_grad_(True)
     expected = torch.log_softmax(full / 0.7, -1).gather(-1, tokens[..., None])[..., 0]

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vrpo_pl.losses import logprobs_from_logits, token_logprobs_and_entropy
+from vrpo_pl.logprobs import logprobs_from_logits, token_logprobs_and_entropy
 from vrpo_pl.models import training_attention
 from vrpo_pl.rewards.base import Completion
 from vrpo_pl.sampling import Sampler

@@ -44,6 +44,7 @@ from vrpo_pl import checkpoint, distributed
 from vrpo_pl import losses as L
 from vrpo_pl.advantages import RunningMoments, compute_advantages, masked_mean, transform_scores
 from vrpo_pl.critic import ValueModel
+from vrpo_pl.logprobs import logprobs_and_entropy
 from vrpo_pl.metrics import MetricAccumulator, PhaseTimer
 from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, resolve_dtype, torch_dtype, training_attention
 from vrpo_pl.rewards.base import RewardError, RewardFunction, call_reward, needs_groups, nonfinite_message
@@ -469,7 +470,7 @@ class RLSystem(pl.LightningModule):
     def _policy_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
         b = micro_batch(r, rows)
         logits = response_logits(self.policy, b.sequences, b.attention_mask, b.position_ids, b.width)
-        logp, entropy = L.logprobs_and_entropy(logits, b.take(r.responses), self.generation.temperature,
+        logp, entropy = logprobs_and_entropy(logits, b.take(r.responses), self.generation.temperature,
                                                entropy_grad=self.ppo.entropy_coef > 0)
         loss, stats = L.policy_objective(
             logp, entropy, b.take(r.logp), b.take(r.advantages), b.take(r.mask), clip_eps=self.ppo.clip_eps,
