@@ -1,33 +1,36 @@
 """Robustness benchmark: gold accuracy of PPO, GRPO and VRPO (and VRPO's ablations) as the training reward degrades.
 
 Sweeps algorithm x noise x seed. Every run is its own ``vrpo fit --config <base> <overrides>`` subprocess with its
-own TensorBoard directory ``OUT/runs/<algorithm>/<noise>/seed<k>`` (plus its ``console.log``); nothing is
-overwritten. The event files are then read back into ``OUT/results.md`` (Markdown tables) and
-``OUT/robustness.png`` (final gold accuracy per noise, and gold-accuracy, response-length and KL curves).
+own TensorBoard directory ``OUT/runs/<algorithm>/<noise>/seed<k>`` (plus its ``console.log`` and
+``val_outcomes.jsonl``: every validation's per-question gold outcome); nothing is overwritten. The runs are then
+read back (:mod:`vrpo_pl.study`) into ``OUT/results.md`` and ``OUT/robustness.png``: final and best gold accuracy
+with 95% bootstrap intervals over seeds and questions, the paired differences VRPO - PPO and VRPO - GRPO, and
+curves of gold accuracy, response length, KL and the critic's explained variance.
 
-    python benchmarks/robustness.py --small --out runs/bench/robustness_small                  # 2 CPU cores, < 1 h
-    python benchmarks/robustness.py --out runs/bench/robustness --accelerator gpu --precision bf16-mixed --jobs 4
+    python benchmarks/robustness.py --medium --out runs/bench/robustness_medium                # 2 CPU cores
+    python benchmarks/robustness.py --small --out runs/bench/robustness_small                  # < 1 h
+    python benchmarks/robustness.py --out runs/bench/robustness --accelerator gpu --jobs 4     # the full grid
     python benchmarks/robustness.py --tiny --out /tmp/robustness_tiny                          # TinyLM, seconds
-    python benchmarks/robustness.py --small --noises none flip0.4 length --dry-run             # print the commands
+    python benchmarks/robustness.py --medium --noises none vote --dry-run                      # print the commands
 
 Resume-safe: a run whose events already hold the final validation (``val/accuracy`` at the last rollout) is skipped;
 an unfinished one is moved aside to ``seed<k>.incomplete<n>`` (its log is kept) and started again. Arguments after
 ``--`` are appended to every run's command line (e.g. ``-- --model.kl.coef 0.05``).
 
-Our choices: every algorithm gets the same rollout geometry (P prompts x G samples, G >= 2 because GRPO needs a
-group) and the same fixed KL coefficient (no KL controller); the gold signal is the verifier's greedy accuracy on
-the fixed held-out set (the same questions for every seed); "final" training-time quantities (response length,
-KL) are means over the last 10% of rollout batches, because single batches are noisy.
+Paired design: for a seed, every algorithm sees the same prompts (``--data.seed``) and the same noise draws (the
+noise generator's seed), and every run is validated on the same held-out questions, so differences between
+algorithms are taken per seed and question. Our choices: the same rollout geometry (P prompts x G samples) and the
+same fixed KL coefficient for every algorithm (no KL controller); "final" training-time quantities (response length,
+KL) are means over the last 10% of rollout batches. The ablations (VRPO's VIB alone and auxiliary loss alone, GRPO
+with the flip-rate correction) run at one noise level (``Setting.ablation_noise``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -46,38 +49,67 @@ ALGORITHMS: dict[str, list[str]] = {
     "vrpo": ["--model.algorithm", "vrpo", "--model.critic.vib", "null", "--model.critic.aux", "null"],
     "vrpo_vib_only": ["--model.algorithm", "vrpo", "--model.critic.vib", "null", "--model.critic.aux", "none"],
     "vrpo_aux_only": ["--model.algorithm", "vrpo", "--model.critic.vib", "false", "--model.critic.aux", "null"],
+    # GRPO on the unbiased reward r^ = (r~ - rho+) / (1 - rho+ - rho-) for the noise's known flip rates
+    # (Noise-corrected GRPO, arXiv 2510.18924); defined for the flip noises only.
+    "grpo_corrected": ["--model.algorithm", "grpo", "--model.critic.vib", "null", "--model.critic.aux", "null",
+                       "--model.critic_lora", "null"],
 }
 
+# name -> (description, Youden's J = TPR - FPR of the training reward against the gold one, where it is fixed)
 NOISES = {
-    "none": "NumericVerifier (clean)",
-    "flip0.2": "SymmetricFlip(p=0.2)",
-    "flip0.4": "SymmetricFlip(p=0.4)",
-    "asym": "AsymmetricFlip(false_positive_rate=0.3, false_negative_rate=0.1)",
-    "length": "LengthBias(coef=0.02 per token)",
-    "rm": "RewardModel(path=--rm-path, gold=NumericVerifier, binarize=true)",
+    "none": ("NumericVerifier (clean)", 1.0),
+    "flip0.2": ("SymmetricFlip(p=0.2)", 0.6),
+    "flip0.3": ("SymmetricFlip(p=0.3)", 0.4),
+    "flip0.4": ("SymmetricFlip(p=0.4)", 0.2),
+    "flip0.45": ("SymmetricFlip(p=0.45)", 0.1),
+    "random": ("SymmetricFlip(p=0.5): the random-reward control, no information (J = 0)", 0.0),
+    "asym": ("AsymmetricFlip(false_positive_rate=0.3, false_negative_rate=0.1): false-positive-heavy", 0.6),
+    "vote": ("MajorityVote (TTRL pseudo-labels: the majority answer of the prompt's samples)", None),
+    "rm": ("RewardModel(path=--rm-path, gold=NumericVerifier, binarize=true)", None),
+    "length": ("LengthBias(coef=0.02 per token)", None),
 }
 
 VERIFIER = {"class_path": "vrpo_pl.rewards.NumericVerifier"}
+FLIP_RATES = {"asym": (0.3, 0.1), "random": (0.5, 0.5)}  # (rho+, rho-); flipP: (P, P)
 
 
-def noise_reward(noise: str, seed: int, rm_path: str | None) -> dict:
-    """The ``--model.reward`` value (class_path/init_args) of a noise setting; the noise is seeded by the run's seed."""
-    if noise == "none":
-        return VERIFIER
+def flip_rates(noise: str) -> tuple[float, float] | None:
+    """(false-positive, false-negative) rates of a flip noise, None for the others."""
     if noise.startswith("flip"):
-        return {"class_path": "vrpo_pl.rewards.SymmetricFlip",
-                "init_args": {"base": VERIFIER, "p": float(noise[4:]), "seed": seed}}
-    if noise == "asym":
-        return {"class_path": "vrpo_pl.rewards.AsymmetricFlip",
-                "init_args": {"base": VERIFIER, "false_positive_rate": 0.3, "false_negative_rate": 0.1, "seed": seed}}
-    if noise == "length":
-        return {"class_path": "vrpo_pl.rewards.LengthBias", "init_args": {"base": VERIFIER, "coef": 0.02}}
-    if noise == "rm":
+        return float(noise[4:]), float(noise[4:])
+    return FLIP_RATES.get(noise)
+
+
+def noise_reward(noise: str, seed: int, rm_path: str | None, algorithm: str = "") -> dict:
+    """The ``--model.reward`` value (class_path/init_args) of a noise setting; the noise is seeded by the run's seed
+    (so every algorithm of a seed draws the same noise). ``grpo_corrected`` wraps it in the flip-rate correction."""
+    rates = flip_rates(noise)
+    if noise == "none":
+        reward = VERIFIER
+    elif rates is not None and noise != "asym":
+        reward = {"class_path": "vrpo_pl.rewards.SymmetricFlip",
+                  "init_args": {"base": VERIFIER, "p": rates[0], "seed": seed}}
+    elif noise == "asym":
+        reward = {"class_path": "vrpo_pl.rewards.AsymmetricFlip",
+                  "init_args": {"base": VERIFIER, "false_positive_rate": rates[0], "false_negative_rate": rates[1],
+                                "seed": seed}}
+    elif noise == "vote":
+        reward = {"class_path": "vrpo_pl.rewards.MajorityVote", "init_args": {"gold": VERIFIER}}
+    elif noise == "length":
+        reward = {"class_path": "vrpo_pl.rewards.LengthBias", "init_args": {"base": VERIFIER, "coef": 0.02}}
+    elif noise == "rm":
         if not rm_path:
             raise ValueError("noise 'rm' needs --rm-path (build one: python -m vrpo_pl.rewards.train_reward_model)")
-        return {"class_path": "vrpo_pl.rewards.RewardModel",
-                "init_args": {"path": str(Path(rm_path).resolve()), "gold": VERIFIER, "binarize": True}}
-    raise ValueError(f"unknown noise {noise!r}; choose from {sorted(NOISES)}")
+        reward = {"class_path": "vrpo_pl.rewards.RewardModel",
+                  "init_args": {"path": str(Path(rm_path).resolve()), "gold": VERIFIER, "binarize": True}}
+    else:
+        raise ValueError(f"unknown noise {noise!r}; choose from {sorted(NOISES)}")
+    if algorithm == "grpo_corrected":
+        if rates is None or sum(rates) >= 1:
+            raise ValueError(f"grpo_corrected needs a flip noise with rho+ + rho- < 1, not {noise!r}")
+        reward = {"class_path": "vrpo_pl.rewards.FlipRateCorrection",
+                  "init_args": {"base": reward, "false_positive_rate": rates[0], "false_negative_rate": rates[1]}}
+    return reward
 
 
 @dataclass
@@ -92,11 +124,16 @@ class Setting:
     seeds: list[int]
     overrides: list[str] = field(default_factory=list)
     threads: int | None = None
+    ablation_noise: str | None = None
+    """The noise at which the ablations (VRPO's VIB alone and auxiliary alone, GRPO with the flip-rate correction)
+    also run."""
+    ablations: list[str] = field(default_factory=lambda: ["vrpo_vib_only", "vrpo_aux_only", "grpo_corrected"])
 
 
 _COMMON = ["--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
            "--trainer.enable_model_summary", "false",
-           "--trainer.callbacks", json.dumps([{"class_path": "vrpo_pl.callbacks.FrozenLMTargets"}])]
+           "--trainer.callbacks", json.dumps([{"class_path": "vrpo_pl.callbacks.FrozenLMTargets"},
+                                              {"class_path": "vrpo_pl.callbacks.ValidationOutcomes"}])]
 
 SETTINGS = {
     # TinyLM (random weights): checks the plumbing in seconds; its accuracy stays ~0.
@@ -114,10 +151,20 @@ SETTINGS = {
         "--model.optim.policy_lr", "3e-4", "--model.optim.critic_lr", "1e-3", "--model.ppo.epochs", "1",
         "--data.prompts_per_rollout", "8", "--data.samples_per_prompt", "2", "--model.ppo.mini_batch_size", "8",
         "--data.val_size", "64", "--data.val_batch_size", "64"]),
+    # The study with power on 2 CPU cores (fast path: bf16 base weights where the CPU has bf16 units): quickstart's
+    # task and sampling (temperature 0.7) with a 16-token budget, where the instruct model's greedy answers are not
+    # cut at the start; 8 prompts x 4 samples (GRPO groups and majority votes of 4), one PPO epoch in mini-batches of
+    # 16, 30 rollout batches, 256 held-out questions at rollouts 0, 10, 20 and 30; 3 paired seeds.
+    "medium": Setting("configs/quickstart.yaml", 30, 10, ["ppo", "grpo", "vrpo"],
+                      ["none", "flip0.3", "flip0.45", "asym", "vote", "random"], [0, 1, 2], _COMMON + [
+        "--model.generation.temperature", "0.7", "--model.generation.max_new_tokens", "16",
+        "--model.optim.policy_lr", "3e-4", "--model.optim.critic_lr", "1e-3", "--model.ppo.epochs", "1",
+        "--data.prompts_per_rollout", "8", "--data.samples_per_prompt", "4", "--model.ppo.mini_batch_size", "16",
+        "--data.val_size", "256", "--data.val_batch_size", "128"], ablation_noise="flip0.3"),
     # For a GPU (pass --accelerator gpu --precision bf16-mixed): 16 prompts x 4 samples, 100 rollout batches, room
     # for the length bias to show (64 new tokens), 256 held-out questions, 3 seeds.
-    "full": Setting("configs/quickstart.yaml", 100, 10, list(ALGORITHMS), [n for n in NOISES if n != "rm"],
-                    [0, 1, 2], _COMMON + [
+    "full": Setting("configs/quickstart.yaml", 100, 10, ["ppo", "grpo", "vrpo"], [n for n in NOISES if n != "rm"],
+                    [0, 1, 2], ablation_noise="flip0.3", overrides=_COMMON + [
         "--data.prompts_per_rollout", "16", "--data.samples_per_prompt", "4", "--data.val_size", "256",
         "--data.val_batch_size", "128", "--model.ppo.epochs", "2", "--model.ppo.mini_batch_size", "16",
         "--model.generation.max_new_tokens", "64"]),
@@ -139,30 +186,39 @@ def vrpo_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "vrpo_pl.cli"]
 
 
+def plan_pairs(setting: Setting, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(algorithm, noise) pairs: the algorithms x the noises, then the ablations at the setting's ablation noise
+    (unless ``--algorithms`` names them); ``grpo_corrected`` only where the noise has known flip rates."""
+    pairs = [(a, n) for a in args.algorithms for n in args.noises]
+    if setting.ablation_noise in args.noises and not args.algorithms_given:
+        pairs += [(a, setting.ablation_noise) for a in setting.ablations if a not in args.algorithms]
+    return [(a, n) for a, n in pairs
+            if a != "grpo_corrected" or (flip_rates(n) is not None and sum(flip_rates(n)) < 1)]
+
+
 def plan_runs(setting: Setting, args: argparse.Namespace, out: Path, extra: list[str]) -> list[Run]:
-    """One :class:`Run` per algorithm x noise x seed, with its full command line."""
+    """One :class:`Run` per (algorithm, noise) pair x seed, with its full command line."""
     val_every = max(d for d in range(1, min(setting.val_every, args.max_steps) + 1) if args.max_steps % d == 0)
     runs = []
-    for algorithm in args.algorithms:
-        for noise in args.noises:
-            for seed in args.seeds:
-                run_dir = out / "runs" / algorithm / noise / f"seed{seed}"
-                command = [
-                    *vrpo_command(), "fit", "--config", str(REPO_ROOT / setting.config), *setting.overrides,
-                    *ALGORITHMS[algorithm],
-                    "--model.reward", json.dumps(noise_reward(noise, seed, args.rm_path)),
-                    "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
-                    "--trainer.max_steps", str(args.max_steps), "--trainer.val_check_interval", str(val_every),
-                    "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
-                    "--trainer.logger.init_args.save_dir", str(out / "runs"),
-                    "--trainer.logger.init_args.name", f"{algorithm}/{noise}",
-                    "--trainer.logger.init_args.version", f"seed{seed}",
-                    "--trainer.default_root_dir", str(run_dir),
-                ]
-                for flag in ("accelerator", "precision", "devices"):
-                    if getattr(args, flag) is not None:
-                        command += [f"--trainer.{flag}", str(getattr(args, flag))]
-                runs.append(Run(algorithm, noise, seed, run_dir, command + extra))
+    for algorithm, noise in plan_pairs(setting, args):
+        for seed in args.seeds:
+            run_dir = out / "runs" / algorithm / noise / f"seed{seed}"
+            command = [
+                *vrpo_command(), "fit", "--config", str(REPO_ROOT / setting.config), *setting.overrides,
+                *ALGORITHMS[algorithm],
+                "--model.reward", json.dumps(noise_reward(noise, seed, args.rm_path, algorithm)),
+                "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
+                "--trainer.max_steps", str(args.max_steps), "--trainer.val_check_interval", str(val_every),
+                "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+                "--trainer.logger.init_args.save_dir", str(out / "runs"),
+                "--trainer.logger.init_args.name", f"{algorithm}/{noise}",
+                "--trainer.logger.init_args.version", f"seed{seed}",
+                "--trainer.default_root_dir", str(run_dir),
+            ]
+            for flag in ("accelerator", "precision", "devices"):
+                if getattr(args, flag) is not None:
+                    command += [f"--trainer.{flag}", str(getattr(args, flag))]
+            runs.append(Run(algorithm, noise, seed, run_dir, command + extra))
     return runs
 
 
@@ -170,11 +226,9 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar tag of a run's event files as sorted (step, value) pairs; {} when there are none."""
     if not any(run_dir.glob("events.out.tfevents.*")):
         return {}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from vrpo_pl.summary import read_scalars as read
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
+    return read(run_dir)
 
 
 def is_complete(run_dir: Path, max_steps: int) -> bool:
@@ -207,124 +261,138 @@ def execute(run: Run, max_steps: int, threads: int | None) -> tuple[Run, str]:
 
 
 # ------------------------------------------------------------------------------------------------ results
-def _tail_mean(points: list[tuple[int, float]], fraction: float = 0.1) -> float:
-    values = [v for _, v in points]
-    k = max(1, round(fraction * len(values)))
-    return statistics.fmean(values[-k:]) if values else math.nan
+def collect(runs: list[Run], max_steps: int) -> dict[tuple[str, str], list]:
+    """The complete runs read back (:class:`vrpo_pl.study.RunResult`), grouped by (algorithm, noise)."""
+    from vrpo_pl.study import read_run
 
-
-def summarize(runs: list[Run], max_steps: int) -> dict[tuple[str, str], dict]:
-    """Per (algorithm, noise): per-seed scalars and seed-averaged curves of the complete runs."""
-    table: dict[tuple[str, str], dict] = {}
+    results: dict[tuple[str, str], list] = {}
     for run in runs:
-        scalars = read_scalars(run.dir) if is_complete(run.dir, max_steps) else {}
-        entry = table.setdefault((run.algorithm, run.noise), {"seeds": [], "curves": {}})
-        if not scalars:
-            continue
-        acc = dict(scalars["val/accuracy"])
-        entry["seeds"].append({
-            "seed": run.seed, "initial_acc": acc.get(0, math.nan), "final_acc": acc[max_steps],
-            "length": _tail_mean(scalars.get("response/length", [])), "kl": _tail_mean(scalars.get("kl/ref", [])),
-        })
-        for tag in ("val/accuracy", "response/length", "kl/ref"):
-            entry["curves"].setdefault(tag, []).append(scalars.get(tag, []))
-    return table
+        results.setdefault((run.algorithm, run.noise), [])
+        if is_complete(run.dir, max_steps):
+            result = read_run(run.dir, run.algorithm, run.noise, run.seed)
+            if result.outcomes:
+                results[(run.algorithm, run.noise)].append(result)
+    return results
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+def _noise_label(noise: str) -> str:
+    description, youden = NOISES[noise]
+    return f"`{noise}` = {description}" + ("" if youden is None else f" (J = {youden:.1f})")
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
-    mean, std = mean_std(values)
-    if math.isnan(mean):
-        return "—"
-    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+def results_markdown(results: dict, noises: list[str], header: str) -> str:
+    """Tables: final gold accuracy with intervals, paired differences of VRPO against PPO and GRPO, every cell's
+    details, and the ablations."""
+    from vrpo_pl.study import cell, paired
 
-
-def results_markdown(table, algorithms, noises, header: str) -> str:
-    lines = [header, "", "## Final gold accuracy (greedy, held-out set), mean ± std over seeds", "",
+    cells = {key: cell(runs) for key, runs in results.items() if runs}
+    algorithms = list(dict.fromkeys(a for a, _ in results))
+    lines = [header, "", "## Final gold accuracy (greedy, held-out set)", "",
+             "Mean over seeds and questions, 95% bootstrap interval over both in brackets.", "",
              "| algorithm | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]
     for alg in algorithms:
-        cells = [fmt([s["final_acc"] for s in table[(alg, n)]["seeds"]]) for n in noises]
-        lines.append(f"| {alg} | " + " | ".join(cells) + " |")
-    lines += ["", "## All runs", "",
-              "| algorithm | noise | seeds | initial val/accuracy | final val/accuracy | final response/length "
-              "| final kl/ref |", "|---|---|---|---|---|---|---|"]
-    for alg in algorithms:
-        for n in noises:
-            seeds = table[(alg, n)]["seeds"]
-            lines.append(f"| {alg} | {n} | {len(seeds)} | {fmt([s['initial_acc'] for s in seeds])} | "
-                         f"{fmt([s['final_acc'] for s in seeds])} | {fmt([s['length'] for s in seeds], 1)} | "
-                         f"{fmt([s['kl'] for s in seeds])} |")
-    lines += ["", "Noise settings: " + "; ".join(f"`{n}` = {NOISES[n]}" for n in noises) + ".",
-              "Final response length and KL: mean over the last 10% of rollout batches (training samples); "
-              "± is the standard deviation over seeds (none with one seed).", ""]
+        row = [f"{cells[(alg, n)].final.mean:.3f} [{cells[(alg, n)].final.low:.3f}, {cells[(alg, n)].final.high:.3f}]"
+               if (alg, n) in cells else "" for n in noises]
+        if any(row):
+            lines.append(f"| {alg} | " + " | ".join(row) + " |")
+    lines += ["", "## Paired differences (same seeds, same questions)", "",
+              "| noise | VRPO - PPO, final | VRPO - GRPO, final | VRPO - PPO, best | VRPO - GRPO, best |",
+              "|---|---|---|---|---|"]
+    for n in noises:
+        vrpo = results.get(("vrpo", n), [])
+        diffs = [paired(vrpo, results.get((base, n), []), at) if vrpo else None
+                 for at in ("final", "best") for base in ("ppo", "grpo")]
+        lines.append(f"| {n} | " + " | ".join("" if d is None else str(d) for d in diffs) + " |")
+    lines += ["", "## Every cell", "",
+              "| algorithm | noise | seeds | initial | final | best | response length | KL | explained variance "
+              "| abs adv key / other |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (alg, n), c in cells.items():
+        lines.append(
+            f"| {alg} | {n} | {len(c.seeds)} | {c.initial.mean:.3f} | {c.final.mean:.3f} [{c.final.low:.3f}, "
+            f"{c.final.high:.3f}] | {c.best.mean:.3f} | {c.length:.1f} | {c.kl:.3f} | {c.explained_variance:.3f} | "
+            f"{c.abs_adv_key:.2f} / {c.abs_adv_other:.2f} |".replace("nan", "—"))
+    ablations = sorted({n for a, n in results if a in ("vrpo_vib_only", "vrpo_aux_only", "grpo_corrected")})
+    for n in ablations:
+        lines += ["", f"## Ablations at `{n}` (paired differences against PPO, final)", "",
+                  "| algorithm | final accuracy | minus PPO |", "|---|---|---|"]
+        for alg in algorithms:
+            if results.get((alg, n)) and alg != "ppo":
+                d = paired(results[(alg, n)], results.get(("ppo", n), []))
+                lines.append(f"| {alg} | {cells[(alg, n)].final.mean:.3f} | {'' if d is None else d} |")
+    lines += ["", "Noise settings: " + "; ".join(_noise_label(n) for n in noises) + ".",
+              "Best: each run's most accurate validation (biased upward; a reference, not a result). Response length "
+              "and KL: mean over the last 10% of rollout batches; explained variance and |advantage| on key tokens "
+              "(guide entropy in its top 20%) against the others: means over the run.", ""]
     return "\n".join(lines)
 
 
-def _mean_curve(curves: list[list[tuple[int, float]]], smooth: int = 1) -> tuple[list[int], list[float]]:
-    steps = sorted(set.intersection(*[{s for s, _ in c} for c in curves])) if curves else []
-    values = [statistics.fmean(dict(c)[s] for c in curves) for s in steps]
-    if smooth > 1:
-        values = [statistics.fmean(values[max(0, i - smooth + 1) : i + 1]) for i in range(len(values))]
-    return steps, values
-
-
-def plot(table, algorithms, noises, path: Path, max_steps: int) -> None:
+def plot(results: dict, noises: list[str], path: Path) -> None:
+    """``path``: final accuracy with intervals and the paired differences; ``path``'s ``_curves`` sibling: gold
+    accuracy, response length, KL and explained variance over rollout batches, one column per noise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
+    from vrpo_pl.study import CURVES, cell, mean_curve, paired
+
+    algorithms = list(dict.fromkeys(a for a, _ in results))
     colors = {a: plt.cm.tab10(i) for i, a in enumerate(algorithms)}
-    # Noise = line style and marker (one noise per distinct pair), algorithm = colour.
-    looks = {"none": ("-", "o"), "flip0.2": ("--", "s"), "flip0.4": (":", "^"), "asym": ("-.", "v"),
-             "length": ((0, (3, 1, 1, 1, 1, 1)), "D"), "rm": ((0, (1, 1)), "x")}
-    smooth = max(1, max_steps // 10)
-    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
-    ax = axes[0, 0]
-    width = 0.8 / len(algorithms)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5))
+    width = 0.8 / max(len(algorithms), 1)
     for i, alg in enumerate(algorithms):
-        stats = [mean_std([s["final_acc"] for s in table[(alg, n)]["seeds"]]) for n in noises]
-        xs = [j + (i - (len(algorithms) - 1) / 2) * width for j in range(len(noises))]
-        bars = ax.bar(xs, [m for m, _ in stats], width, color=colors[alg], label=alg)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center", rotation=90, color="white")
-        with_std = [(x, m, sd) for x, (m, sd) in zip(xs, stats, strict=True) if not math.isnan(sd)]
-        if with_std:
-            ax.errorbar(*zip(*with_std, strict=True), fmt="none", ecolor="black", capsize=3, lw=1)
+        for j, n in enumerate(noises):
+            if not results.get((alg, n)):
+                continue
+            c = cell(results[(alg, n)]).final
+            x = j + (i - (len(algorithms) - 1) / 2) * width
+            labelled = alg in ax.get_legend_handles_labels()[1]
+            ax.bar(x, c.mean, width, color=colors[alg], label=None if labelled else alg)
+            ax.errorbar(x, c.mean, [[c.mean - c.low], [c.high - c.mean]], fmt="none", ecolor="black", capsize=2, lw=1)
     ax.set_xticks(range(len(noises)), noises)
-    ax.set_ylim(0, 1.15)
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set(title="Final gold accuracy (mean ± std over seeds)", xlabel="training-reward noise", ylabel="val/accuracy")
-    ax.legend(fontsize=8, loc="upper center", ncol=min(len(algorithms), 5))
-    panels = [(axes[0, 1], "val/accuracy", "Gold accuracy (greedy, held-out)", 1),
-              (axes[1, 0], "response/length", f"Response length (tokens, moving mean of {smooth})", smooth),
-              (axes[1, 1], "kl/ref", f"KL(pi || pi_ref) per sequence (moving mean of {smooth})", smooth)]
-    for ax, tag, title, k in panels:
-        for alg in algorithms:
-            for n in noises:
-                curves = [c for c in table[(alg, n)]["curves"].get(tag, []) if c]
-                if curves:
-                    steps, values = _mean_curve(curves, k)
-                    ax.plot(steps, values, color=colors[alg], linestyle=looks[n][0], lw=1.3, marker=looks[n][1],
-                            ms=3.5, markevery=max(1, len(steps) // 8))
-        ax.set(title=title, xlabel="rollout batches", ylabel=tag)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0, 1].set_ylim(0, 1.05)
-    handles = [Line2D([], [], color=colors[a], lw=2, label=a) for a in algorithms]
-    handles += [Line2D([], [], color="gray", linestyle=looks[n][0], marker=looks[n][1], ms=3.5, lw=1.3,
-                       label=f"noise: {n}") for n in noises]
-    axes[0, 1].legend(handles=handles, fontsize=8, ncol=2)
-    fig.suptitle("Robustness to noisy rewards: curves are means over seeds")
+    ax.set(ylim=(0, 1), ylabel="final gold accuracy",
+           title="Final gold accuracy (95% interval over seeds and questions)")
+    ax.legend(fontsize=8)
+    for k, base in enumerate(("ppo", "grpo")):
+        xs, ds = [], []
+        for j, n in enumerate(noises):
+            d = paired(results.get(("vrpo", n), []), results.get((base, n), [])) if results.get(("vrpo", n)) else None
+            if d is not None:
+                xs.append(j + (k - 0.5) * 0.3)
+                ds.append(d)
+        if ds:
+            bx.errorbar(xs, [d.mean for d in ds], [[d.mean - d.low for d in ds], [d.high - d.mean for d in ds]],
+                        fmt="o", capsize=3, label=f"VRPO - {base.upper()}")
+    bx.axhline(0, color="gray", lw=1)
+    bx.set_xticks(range(len(noises)), noises)
+    bx.set(ylabel="paired difference in final gold accuracy", title="VRPO against the baselines (95% interval)")
+    bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(CURVES), len(noises), figsize=(3.2 * len(noises), 2.6 * len(CURVES)),
+                             squeeze=False, sharex=True)
+    for j, n in enumerate(noises):
+        for i, tag in enumerate(CURVES):
+            axis = axes[i, j]
+            for alg in algorithms:
+                steps, values = mean_curve(results.get((alg, n), []), tag)
+                if steps:
+                    axis.plot(steps, values, color=colors[alg], lw=1.2, label=alg)
+            axis.grid(alpha=0.3)
+            if i == 0:
+                axis.set_title(n, fontsize=9)
+            if j == 0:
+                axis.set_ylabel(tag, fontsize=8)
+            if tag == "value/explained_variance":
+                axis.set_ylim(-0.5, 1)
+    axes[0, 0].legend(fontsize=7)
+    for axis in axes[-1]:
+        axis.set_xlabel("rollout batches", fontsize=8)
+    fig.suptitle("Means over seeds, per noise (columns)")
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.stem + "_curves.png"), dpi=100)
     plt.close(fig)
 
 
@@ -336,6 +404,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--small", action="store_true", help="SmolLM2 + LoRA sized for 2 CPU cores (< 1 hour)")
+    size.add_argument("--medium", action="store_true", help="the study with power, sized for 2 CPU cores")
     size.add_argument("--tiny", action="store_true", help="TinyLM, seconds per run (tests, smoke runs)")
     p.add_argument("--out", type=Path, required=True, help="output directory (runs/, results.md, robustness.png)")
     p.add_argument("--algorithms", nargs="+", choices=list(ALGORITHMS), help="default: the setting's")
@@ -351,7 +420,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dry-run", action="store_true", help="print the commands and whether each run is complete")
     p.add_argument("--report-only", action="store_true", help="only rebuild results.md and robustness.png")
     args = p.parse_args(argv)
-    args.setting = "tiny" if args.tiny else "small" if args.small else "full"
+    args.setting = "tiny" if args.tiny else "small" if args.small else "medium" if args.medium else "full"
+    args.algorithms_given = args.algorithms is not None
     setting = SETTINGS[args.setting]
     args.algorithms = args.algorithms or setting.algorithms
     args.noises = args.noises or setting.noises + (["rm"] if args.rm_path and "rm" not in setting.noises else [])
@@ -387,16 +457,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"(elapsed {elapsed / 60:.1f} min, about {eta / 60:.1f} min left)", flush=True)
                 if status.startswith("failed"):
                     failed.append(run)
-    table = summarize(runs, args.max_steps)
+    results = collect(runs, args.max_steps)
     header = (f"# Robustness benchmark ({args.setting})\n\nBase config `{setting.config}`, "
               f"{args.max_steps} rollout batches per run, seeds {args.seeds}. Runs: `{out / 'runs'}`.\n\n"
               f"Command: `python benchmarks/robustness.py {shlex.join(argv if argv is not None else sys.argv[1:])}`")
-    text = results_markdown(table, args.algorithms, args.noises, header)
+    text = results_markdown(results, args.noises, header)
     missing = [f"{r.algorithm}/{r.noise}/seed{r.seed}" for r in runs if not is_complete(r.dir, args.max_steps)]
     if missing:
         text += "\nMissing (failed or not run): " + ", ".join(missing) + "\n"
     (out / "results.md").write_text(text)
-    plot(table, args.algorithms, args.noises, out / "robustness.png", args.max_steps)
+    plot(results, args.noises, out / "robustness.png")
     print(text)
     print(f"wrote {out / 'results.md'} and {out / 'robustness.png'}")
     return 1 if failed else 0

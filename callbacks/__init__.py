@@ -4,12 +4,14 @@
 - :class:`KLController`: fixed or adaptive KL coefficient, saved in checkpoints.
 - :class:`SampleLogger`: prompt/response/rewards/advantages as TensorBoard text.
 - :class:`KeyTokenView`: per-token advantage, value and guide entropy/surprisal of a few validation prompts.
+- :class:`ValidationOutcomes`: every validation's per-question gold reward and response, as JSON lines.
 """
 
 from vrpo_pl.callbacks.guide_targets import FrozenLMTargets, GuideTargets
 from vrpo_pl.callbacks.key_token_view import KeyTokenView, heatmap_figure, token_table
 from vrpo_pl.callbacks.kl_control import KLController, adaptive_kl_update
 from vrpo_pl.callbacks.sample_logger import SampleLogger, samples_markdown
+from vrpo_pl.callbacks.validation_outcomes import ValidationOutcomes
 
 __all__ = [
     "FrozenLMTargets",
@@ -17,6 +19,7 @@ __all__ = [
     "KLController",
     "KeyTokenView",
     "SampleLogger",
+    "ValidationOutcomes",
     "adaptive_kl_update",
     "heatmap_figure",
     "samples_markdown",

@@ -6,6 +6,7 @@ They are not timed: the numbers are not checked, only that every piece of the re
 from __future__ import annotations
 
 import importlib.util
+import json
 import shlex
 import sys
 
@@ -48,6 +49,24 @@ def test_robustness_dry_run_plans_every_run(benchmarks, tmp_path, capsys):
     assert not any(tmp_path.iterdir()), "a dry run must not create anything"
 
 
+def test_robustness_medium_plans_the_study(benchmarks, capsys, tmp_path):
+    """3 algorithms x 6 noises x 3 seeds, plus the ablations at flip0.3 (GRPO's correction only on flip noises),
+    every seed's noise seeded by the seed, and the per-question outcomes recorded."""
+    assert benchmarks["robustness"].main(["--medium", "--out", str(tmp_path), "--dry-run"]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if " fit " in line]
+    names = [value(c, "--trainer.logger.init_args.name") for c in commands]
+    assert len(commands) == (3 * 6 + 3) * 3
+    assert {"vrpo_vib_only/flip0.3", "vrpo_aux_only/flip0.3", "grpo_corrected/flip0.3"} <= set(names)
+    assert not any(n.startswith(("vrpo_vib_only/", "grpo_corrected/")) and not n.endswith("flip0.3") for n in names)
+    corrected = next(c for c in commands if value(c, "--trainer.logger.init_args.name") == "grpo_corrected/flip0.3")
+    assert "FlipRateCorrection" in value(corrected, "--model.reward")
+    assert all("ValidationOutcomes" in value(c, "--trainer.callbacks") for c in commands)
+    seed2 = [c for c in commands if value(c, "--trainer.logger.init_args.version") == "seed2"
+             and value(c, "--trainer.logger.init_args.name").endswith("/flip0.45")]
+    assert {json.loads(value(c, "--model.reward"))["init_args"]["seed"] for c in seed2} == {2}  # paired noise
+    assert value(commands[0], "--data.val_size") == "256" and value(commands[0], "--trainer.max_steps") == "30"
+
+
 @pytest.mark.slow
 def test_robustness_tiny_writes_table_and_plot(benchmarks, tmp_path, capsys):
     argv = ["--tiny", "--out", str(tmp_path), "--algorithms", "ppo", "--noises", "flip0.2", "--max-steps", "1"]
@@ -55,9 +74,12 @@ def test_robustness_tiny_writes_table_and_plot(benchmarks, tmp_path, capsys):
     results = (tmp_path / "results.md").read_text()
     assert "| algorithm | flip0.2 |" in results
     assert "| ppo | flip0.2 | 1 |" in results
-    png = tmp_path / "robustness.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    assert list((tmp_path / "runs" / "ppo" / "flip0.2" / "seed0").glob("events.out.tfevents.*"))
+    assert "## Paired differences" in results and "95% bootstrap interval" in results
+    for png in (tmp_path / "robustness.png", tmp_path / "robustness_curves.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    run = tmp_path / "runs" / "ppo" / "flip0.2" / "seed0"
+    assert list(run.glob("events.out.tfevents.*"))
+    assert len((run / "val_outcomes.jsonl").read_text().splitlines()) == 2 * 4  # rollouts 0 and 1 x 4 questions
     capsys.readouterr()
     # Resume-safe: the complete run is skipped, the report is rebuilt.
     assert benchmarks["robustness"].main(argv) == 0

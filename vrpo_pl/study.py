@@ -1,0 +1,129 @@
+"""Reading a study back: per-run scalars and per-question outcomes, tables with bootstrap intervals, and plots.
+
+A study (``benchmarks/robustness.py``) is a directory of runs ``runs/<algorithm>/<noise>/seed<k>``, each with its
+TensorBoard events and ``val_outcomes.jsonl`` (:class:`vrpo_pl.callbacks.ValidationOutcomes`). This module turns
+them into:
+
+- per (algorithm, noise): final and best gold accuracy, mean with a 95% bootstrap interval over seeds and questions
+  (:mod:`vrpo_pl.stats`), initial accuracy, response length and KL at the end;
+- paired differences (e.g. VRPO - PPO) per noise, per seed and question, with their intervals;
+- training curves averaged over seeds (gold accuracy, response length, KL, explained variance) and the mean
+  |advantage| on key tokens against the other tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vrpo_pl.stats import Estimate, bootstrap_mean, paired_difference
+from vrpo_pl.summary import read_scalars
+
+CURVES = ("val/accuracy", "response/length", "kl/ref", "value/explained_variance")
+
+
+@dataclass
+class RunResult:
+    """One finished run: its scalar curves and, per validation rollout, {question id: gold outcome}."""
+
+    algorithm: str
+    noise: str
+    seed: int
+    scalars: dict[str, list[tuple[int, float]]]
+    outcomes: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+def read_outcomes(run_dir: Path) -> dict[int, dict[str, float]]:
+    """``{rollout: {question id: gold}}`` from a run's ``val_outcomes*.jsonl`` (every rank's file)."""
+    outcomes: dict[int, dict[str, float]] = {}
+    for path in sorted(run_dir.glob("val_outcomes*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("gold") is not None:
+                outcomes.setdefault(row["rollout"], {})[str(row["id"])] = float(row["gold"])
+    return outcomes
+
+
+def read_run(run_dir: Path, algorithm: str, noise: str, seed: int) -> RunResult:
+    return RunResult(algorithm, noise, seed, read_scalars(run_dir), read_outcomes(run_dir))
+
+
+def _chosen(runs: list[RunResult], rollout: int | str) -> list[dict[str, float]]:
+    """Each run's outcomes at ``rollout``: an int, ``"final"`` or ``"best"`` (its most accurate validation)."""
+    if rollout == "final":
+        return [r.outcomes[max(r.outcomes)] for r in runs]
+    if rollout == "best":
+        return [max(r.outcomes.values(), key=lambda o: sum(o.values()) / max(len(o), 1)) for r in runs]
+    return [r.outcomes[rollout] for r in runs]
+
+
+def outcome_matrix(runs: list[RunResult], rollout: int | str, questions: list[str] | None = None) -> torch.Tensor:
+    """(seeds, questions) gold outcomes at ``rollout`` (see :func:`_chosen`), seeds in ascending order, over
+    ``questions`` (default: those every run answered)."""
+    chosen = _chosen(sorted(runs, key=lambda r: r.seed), rollout)
+    if questions is None:
+        questions = sorted(set.intersection(*(set(c) for c in chosen))) if chosen else []
+    return torch.tensor([[c[q] for q in questions] for c in chosen])
+
+
+def _tail_mean(points: list[tuple[int, float]], fraction: float = 0.1) -> float:
+    values = [v for _, v in points]
+    k = max(1, round(fraction * len(values)))
+    return statistics.fmean(values[-k:]) if values else math.nan
+
+
+@dataclass
+class Cell:
+    """One (algorithm, noise) of a study."""
+
+    seeds: list[int]
+    initial: Estimate
+    final: Estimate
+    best: Estimate
+    length: float
+    kl: float
+    explained_variance: float
+    abs_adv_key: float
+    abs_adv_other: float
+
+
+def cell(runs: list[RunResult]) -> Cell:
+    """The table entry of one (algorithm, noise) from its runs (one per seed)."""
+    def tail(tag: str) -> float:
+        values = [_tail_mean(r.scalars.get(tag, [])) for r in runs if r.scalars.get(tag)]
+        return statistics.fmean(values) if values else math.nan
+
+    def mean_over_run(tag: str) -> float:
+        values = [statistics.fmean(v for _, v in r.scalars[tag]) for r in runs if r.scalars.get(tag)]
+        return statistics.fmean(values) if values else math.nan
+
+    initial = bootstrap_mean(outcome_matrix(runs, 0))
+    return Cell([r.seed for r in runs], initial, bootstrap_mean(outcome_matrix(runs, "final")),
+                bootstrap_mean(outcome_matrix(runs, "best")), tail("response/length"), tail("kl/ref"),
+                mean_over_run("value/explained_variance"), mean_over_run("adv/abs_key"),
+                mean_over_run("adv/abs_other"))
+
+
+def paired(runs_a: list[RunResult], runs_b: list[RunResult], rollout: int | str = "final") -> Estimate | None:
+    """``a - b`` on the seeds and questions both have (pairs: same seed, same question), or None without a shared
+    seed."""
+    seeds = {r.seed for r in runs_a} & {r.seed for r in runs_b}
+    if not seeds:
+        return None
+    runs_a, runs_b = [r for r in runs_a if r.seed in seeds], [r for r in runs_b if r.seed in seeds]
+    questions = sorted(set.intersection(*(set(c) for c in _chosen(runs_a + runs_b, rollout))))
+    return paired_difference(outcome_matrix(runs_a, rollout, questions), outcome_matrix(runs_b, rollout, questions))
+
+
+def mean_curve(runs: list[RunResult], tag: str) -> tuple[list[int], list[float]]:
+    """A tag's curve averaged over the runs at the steps they all logged."""
+    curves = [dict(r.scalars[tag]) for r in runs if r.scalars.get(tag)]
+    if not curves:
+        return [], []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, [statistics.fmean(c[s] for c in curves) for s in steps]
