@@ -116,3 +116,25 @@ def test_phase_timer_sums_repeated_and_nested_phases():
     assert set(timer.seconds) == {"outer", "inner"} and timer.seconds["outer"] >= timer.seconds["inner"] >= 0
     timer.reset()
     assert timer.seconds == {}
+
+
+def test_rollout_metrics_reduce_each_as_declared():
+    from vrpo_pl.metrics import rollout_metrics
+    from vrpo_pl.rollout import Rollout
+
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    returns = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    r = Rollout(sequences=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 5),
+                position_ids=torch.zeros(2, 5, dtype=torch.long), responses=torch.zeros(2, 3, dtype=torch.long),
+                mask=mask, truncated=torch.tensor([True, False]), prompt_width=2, values=returns.clone(),
+                returns=returns, advantages=torch.zeros(2, 3))
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.0, 0.0]])
+    out = rollout_metrics(r, kl, torch.tensor([1.0, 0.0]), None, kl_coef=0.05, rollouts=3).compute()
+    assert out["reward/train"] == pytest.approx(0.5) and "reward/gold" not in out
+    assert out["response/length"] == pytest.approx(2.0)  # a sequence mean of 3 and 1 tokens
+    assert out["response/truncated_frac"] == pytest.approx(0.5)
+    assert out["kl/ref"] == pytest.approx(0.5)  # per-sequence sums 0.6 and 0.4, averaged
+    assert out["kl/coef"] == 0.05 and out["rollouts"] == 3.0
+    assert out["value/mean"] == pytest.approx(0.75)  # token mean: 3 ones and 1 zero
+    for name in ("value/explained_variance", "value/explained_variance_first", "value/explained_variance_last"):
+        assert out[name] == pytest.approx(1.0), name  # values equal to the returns

@@ -189,3 +189,16 @@ def test_top_p_filter_matches_transformers():
     for top_p in (0.3, 0.9, 1.0):
         expected = TopPLogitsWarper(top_p)(None, scores.clone()) if top_p < 1 else scores
         assert torch.equal(top_p_filter(scores.clone(), top_p).isinf(), expected.isinf())
+
+
+def test_split_micro_batches_by_rows_or_by_token_budget():
+    from vrpo_pl.rollout import Rollout, split_micro_batches
+
+    attention = torch.tensor([[1] * 8, [1] * 2 + [0] * 6, [1] * 8, [1] * 3 + [0] * 5], dtype=torch.float)
+    r = Rollout(sequences=torch.zeros(4, 8, dtype=torch.long), attention_mask=attention,
+                position_ids=torch.zeros(4, 8, dtype=torch.long), responses=torch.zeros(4, 4, dtype=torch.long),
+                mask=torch.ones(4, 4), truncated=torch.zeros(4, dtype=torch.bool), prompt_width=4)
+    idx = torch.tensor([3, 0, 1, 2])
+    assert [b.tolist() for b in split_micro_batches(r, idx, 3, None)] == [[3, 0, 1], [2]]
+    budget = split_micro_batches(r, idx, 3, 16)  # two rows of 8 tokens fit; the short rows share one
+    assert sorted(sorted(b.tolist()) for b in budget) == [[0, 2], [1, 3]]

@@ -236,6 +236,17 @@ def all_gather_flat(tensor: Tensor) -> Tensor:
     return torch.cat([p.flatten() for p in parts])
 
 
+def loss_normalizers(mask: Tensor, world: int) -> dict[str, float]:
+    """Token and sequence counts of a mini-batch over all ranks, as the loss denominators.
+
+    Data-parallel gradients are averaged over ranks, so each rank divides by (global count / world size): the
+    averaged gradient is then that of the global token (or sequence) mean.
+    """
+    counts = torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)])
+    counts = all_reduce_sum(counts)
+    return {"num_tokens": float(counts[0]) / world, "num_seqs": float(counts[1]) / world}
+
+
 @contextmanager
 def no_ddp_sync(wrapper: nn.Module | None) -> Iterator[None]:
     """Keeps DDP from reducing gradients on each backward; :func:`average_gradients` reduces once per step.

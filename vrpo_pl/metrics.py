@@ -145,6 +145,39 @@ class MetricAccumulator:
         return out
 
 
+def rollout_metrics(r, kl: Tensor, train: Tensor, gold: Tensor | None, *, kl_coef: float,
+                    rollouts: int) -> MetricAccumulator:
+    """A rollout batch's metrics (see the README's metric table), ready for :meth:`MetricAccumulator.compute`.
+
+    Args:
+        r: the :class:`vrpo_pl.rollout.Rollout` after advantages (values, returns and key marks when present).
+        kl: (B, A) per-token KL to the reference; train, gold: (B,) training and gold rewards (gold may be None).
+        kl_coef, rollouts: logged as constants.
+    """
+    m, mask, lengths = MetricAccumulator(r.mask.device), r.mask, r.mask.sum(1)
+    m.seq_mean("reward/train", train)
+    if gold is not None:
+        m.seq_mean("reward/gold", gold)
+    m.seq_mean("response/length", lengths)
+    m.seq_mean("response/truncated_frac", r.truncated.float())
+    m.seq_mean("kl/ref", kl.sum(1))
+    m.constant("kl/coef", kl_coef)
+    m.constant("rollouts", float(rollouts))
+    if r.values is not None:
+        m.token_mean("value/mean", r.values, mask)
+        m.explained_variance("value/explained_variance", r.values, r.returns, mask)
+        # At two positions: the first response token (V sees the prompt only) and the last one (V has seen the
+        # whole response but its final token): where the critic has information.
+        last = (lengths.long() - 1).clamp(min=0)[:, None]
+        for name, pos in (("first", torch.zeros_like(last)), ("last", last)):
+            m.explained_variance(f"value/explained_variance_{name}", r.values.gather(1, pos),
+                                 r.returns.gather(1, pos), mask.gather(1, pos))
+    if r.key is not None:
+        m.token_mean("adv/abs_key", r.advantages.abs(), r.key)
+        m.token_mean("adv/abs_other", r.advantages.abs(), mask - r.key)
+    return m
+
+
 class PhaseTimer:
     """Wall-clock seconds of named phases within one training step (synchronizing CUDA at each boundary).
 

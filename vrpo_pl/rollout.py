@@ -241,6 +241,15 @@ def micro_batch(r: Rollout, rows: Tensor) -> MicroBatch:
                       width)
 
 
+def split_micro_batches(r: Rollout, idx: Tensor, micro: int, budget: int | None) -> list[Tensor]:
+    """A mini-batch's rows ``idx`` split into micro-batches: ``micro`` rows each, or, with a token ``budget``
+    (``--model.ppo.max_tokens_per_micro_batch``), grouped by length within that many padded tokens."""
+    if budget is None:
+        return [idx[s : s + micro] for s in range(0, len(idx), micro)]
+    lengths = r.attention_mask[idx].sum(1).tolist()
+    return [idx[group] for group in token_budget_batches(lengths, budget)]
+
+
 def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
     """Groups positions into micro-batches whose padded size (rows x longest length) stays within ``budget`` tokens.
 

@@ -221,3 +221,25 @@ def check_algorithm_settings(algorithm: str, critic: CriticSettings, has_critic_
         raise ValueError("--model.algorithm grpo has no critic: --model.critic.vib and --model.critic.aux do not apply")
     if algorithm == "grpo" and has_critic_model:
         raise ValueError("--model.algorithm grpo has no critic: drop --model.critic_backbone and --model.critic_lora")
+
+
+def check_batch_geometry(algorithm: str, mini_batch_size: int, rollout_batch: int, samples_per_prompt: int | None,
+                         reward_name: str, reward_needs_groups: bool) -> None:
+    """Refuses a rollout batch the update cannot split, or groups too small for GRPO or a voting reward."""
+    if rollout_batch % mini_batch_size != 0:
+        raise ValueError(
+            f"--model.ppo.mini_batch_size={mini_batch_size} must divide the rollout batch B = "
+            f"--data.prompts_per_rollout x --data.samples_per_prompt = {rollout_batch}"
+        )
+    if samples_per_prompt is None or samples_per_prompt >= 2:
+        return
+    if reward_needs_groups:
+        raise ValueError(
+            f"--model.reward {reward_name} votes among the responses to each prompt: "
+            f"--data.samples_per_prompt={samples_per_prompt} must be >= 2"
+        )
+    if algorithm == "grpo":
+        raise ValueError(
+            f"--model.algorithm grpo compares responses to the same prompt: --data.samples_per_prompt="
+            f"{samples_per_prompt} must be >= 2"
+        )

@@ -45,7 +45,7 @@ from vrpo_pl import losses as L
 from vrpo_pl.advantages import RunningMoments, compute_advantages, masked_mean, transform_scores
 from vrpo_pl.critic import ValueModel
 from vrpo_pl.logprobs import logprobs_and_entropy
-from vrpo_pl.metrics import MetricAccumulator, PhaseTimer
+from vrpo_pl.metrics import MetricAccumulator, PhaseTimer, rollout_metrics
 from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, resolve_dtype, torch_dtype, training_attention
 from vrpo_pl.rewards.base import RewardError, RewardFunction, call_reward, needs_groups, nonfinite_message
 from vrpo_pl.rollout import (
@@ -58,7 +58,7 @@ from vrpo_pl.rollout import (
     response_logits,
     sample_rollout,
     score_rollout,
-    token_budget_batches,
+    split_micro_batches,
 )
 from vrpo_pl.sampling import make_sampler
 from vrpo_pl.settings import (
@@ -68,6 +68,7 @@ from vrpo_pl.settings import (
     PPOSettings,
     RewardSettings,
     check_algorithm_settings,
+    check_batch_geometry,
     resolve_algorithm_defaults,
 )
 
@@ -235,26 +236,10 @@ class RLSystem(pl.LightningModule):
             self.guide_callback = found[0]
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "rollout_batch_size"):
-            self._check_batch_sizes(datamodule.rollout_batch_size, getattr(datamodule, "samples_per_prompt", None))
+            check_batch_geometry(self.algorithm, self.ppo.mini_batch_size, datamodule.rollout_batch_size,
+                                 getattr(datamodule, "samples_per_prompt", None), type(self.reward).__name__,
+                                 reward_needs_groups=needs_groups(self.reward))
         self.reward.to(self.device)
-
-    def _check_batch_sizes(self, rollout_batch: int, samples_per_prompt: int | None) -> None:
-        mini = self.ppo.mini_batch_size
-        if rollout_batch % mini != 0:
-            raise ValueError(
-                f"--model.ppo.mini_batch_size={mini} must divide the rollout batch B = --data.prompts_per_rollout x "
-                f"--data.samples_per_prompt = {rollout_batch}"
-            )
-        if needs_groups(self.reward) and samples_per_prompt is not None and samples_per_prompt < 2:
-            raise ValueError(
-                f"--model.reward {type(self.reward).__name__} votes among the responses to each prompt: "
-                f"--data.samples_per_prompt={samples_per_prompt} must be >= 2"
-            )
-        if self.algorithm == "grpo" and samples_per_prompt is not None and samples_per_prompt < 2:
-            raise ValueError(
-                f"--model.algorithm grpo compares responses to the same prompt: --data.samples_per_prompt="
-                f"{samples_per_prompt} must be >= 2"
-            )
 
     def configure_optimizers(self):
         o = self.optim
@@ -292,7 +277,8 @@ class RLSystem(pl.LightningModule):
             self.sampler.update(self.policy)  # a backend with its own weights syncs them before the next rollout
         # 6. Log.
         self._count_rollout()
-        metrics = {**self._rollout_metrics(rollout, kl, train_scores, gold), **reward_metrics, **update_metrics}
+        measured = rollout_metrics(rollout, kl, train_scores, gold, kl_coef=self.kl_coef, rollouts=self.rollouts)
+        metrics = {**measured.compute(distributed.all_reduce_sum), **reward_metrics, **update_metrics}
         world = self.trainer.world_size
         metrics.update({f"perf/{name}_s": seconds for name, seconds in self.timer.seconds.items()})
         metrics["perf/samples_per_s"] = rollout.size * world / (time.perf_counter() - start)
@@ -385,33 +371,13 @@ class RLSystem(pl.LightningModule):
                 order = torch.randperm(r.size, generator=self._shuffle_gen).to(self.device)
                 for start in range(0, r.size, mini):
                     idx = order[start : start + mini]
-                    norm = self._normalizers(r.mask[idx])
-                    micro_batches = self._micro_batches(r, idx, micro)
+                    norm = distributed.loss_normalizers(r.mask[idx], self.trainer.world_size)
+                    micro_batches = split_micro_batches(r, idx, micro, self.ppo.max_tokens_per_micro_batch)
                     if train_policy:
                         self._optimizer_step("policy", optimizers[0], self.policy, micro_batches, r, norm, metrics)
                     if self.critic is not None:
                         self._optimizer_step("critic", optimizers[1], self.critic, micro_batches, r, norm, metrics)
         return metrics.compute(distributed.all_reduce_sum)
-
-    def _micro_batches(self, r: Rollout, idx: Tensor, micro: int) -> list[Tensor]:
-        """A mini-batch's rows split into micro-batches: ``micro`` rows each, or grouped by length within
-        ``--model.ppo.max_tokens_per_micro_batch`` padded tokens."""
-        budget = self.ppo.max_tokens_per_micro_batch
-        if budget is None:
-            return [idx[s : s + micro] for s in range(0, len(idx), micro)]
-        lengths = r.attention_mask[idx].sum(1).tolist()
-        return [idx[group] for group in token_budget_batches(lengths, budget)]
-
-    def _normalizers(self, mask: Tensor) -> dict[str, float]:
-        """Token and sequence counts of a mini-batch over all ranks, as the loss denominators.
-
-        Data-parallel gradients are averaged over ranks, so each rank divides by (global count / world size):
-        the averaged gradient is then that of the global token mean.
-        """
-        counts = torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)])
-        counts = distributed.all_reduce_sum(counts)
-        world = self.trainer.world_size
-        return {"num_tokens": float(counts[0]) / world, "num_seqs": float(counts[1]) / world}
 
     def _optimizer_step(self, name: str, optimizer, model, micro_batches, r: Rollout, norm,
                         metrics: MetricAccumulator) -> None:
@@ -504,31 +470,6 @@ class RLSystem(pl.LightningModule):
         return c.beta * min(1.0, self.rollouts / c.beta_warmup_rollouts)
 
     # ---------------------------------------------------------------- metrics
-    def _rollout_metrics(self, r: Rollout, kl: Tensor, train: Tensor, gold: Tensor | None) -> dict[str, float]:
-        """The rollout batch's metrics over all ranks (see the README's metric table)."""
-        m, mask, lengths = MetricAccumulator(self.device), r.mask, r.mask.sum(1)
-        m.seq_mean("reward/train", train)
-        if gold is not None:
-            m.seq_mean("reward/gold", gold)
-        m.seq_mean("response/length", lengths)
-        m.seq_mean("response/truncated_frac", r.truncated.float())
-        m.seq_mean("kl/ref", kl.sum(1))
-        m.constant("kl/coef", self.kl_coef)
-        m.constant("rollouts", float(self.rollouts))
-        if r.values is not None:
-            m.token_mean("value/mean", r.values, mask)
-            m.explained_variance("value/explained_variance", r.values, r.returns, mask)
-            # At two positions: the first response token (V sees the prompt only) and the last one (V has seen the
-            # whole response but its final token): where the critic has information.
-            last = (lengths.long() - 1).clamp(min=0)[:, None]
-            for name, pos in (("first", torch.zeros_like(last)), ("last", last)):
-                m.explained_variance(f"value/explained_variance_{name}", r.values.gather(1, pos),
-                                     r.returns.gather(1, pos), mask.gather(1, pos))
-        if r.key is not None:
-            m.token_mean("adv/abs_key", r.advantages.abs(), r.key)
-            m.token_mean("adv/abs_other", r.advantages.abs(), mask - r.key)
-        return m.compute(distributed.all_reduce_sum)
-
     def _remember_samples(self, batch, texts, r: Rollout, train: Tensor, gold: Tensor | None, n: int = 8) -> None:
         adv = masked_mean(r.advantages, r.mask, dim=1)
         self.last_samples = [
