@@ -20,11 +20,32 @@ def adaptive_kl_update(coef: float, kl: float, target: float, horizon: int, n_sa
         horizon: samples over which the error is corrected (10,000 in the paper).
         n_samples: samples in this rollout batch.
 
+    Raises:
+        ValueError: ``horizon <= 0.2 * n_samples``, where one step could take the coefficient to zero or below
+            (see :func:`check_horizon`).
+
     >>> round(adaptive_kl_update(0.1, 12.0, 6.0, 10000, 100), 4)
     0.1002
     """
+    check_horizon(horizon, n_samples)
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * n_samples / horizon)
+
+
+def check_horizon(horizon: int, n_samples: int) -> None:
+    """Refuses a horizon so short that one step of :func:`adaptive_kl_update` can make the coefficient <= 0.
+
+    The factor 1 + e * n_samples / horizon, with e >= -0.2, stays positive only for horizon > 0.2 * n_samples.
+
+    Raises:
+        ValueError: naming the horizon, the rollout batch size and the smallest valid horizon.
+    """
+    if horizon <= 0.2 * n_samples:
+        raise ValueError(
+            f"KLController: horizon={horizon} must be > 0.2 * {n_samples} = {0.2 * n_samples:g} (the samples per "
+            f"rollout batch over all ranks); a shorter horizon can turn the KL coefficient negative in one step "
+            "(Ziegler et al. use 10,000)"
+        )
 
 
 class KLController(pl.Callback):
@@ -47,6 +68,12 @@ class KLController(pl.Callback):
             raise ValueError(f"KLController: horizon={horizon} must be > 0")
         self.target, self.horizon = target, horizon
         self.coef: float | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Checks the horizon against the rollout batch size before anything runs."""
+        data = trainer.datamodule
+        if stage == "fit" and self.target is not None and hasattr(data, "prompts_per_rollout"):
+            check_horizon(self.horizon, data.prompts_per_rollout * data.samples_per_prompt * trainer.world_size)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.coef is None:

@@ -11,21 +11,33 @@ and what to do, and nothing already written is lost.
 | checkpoint from an incompatible configuration | ValueError naming the checkpoint and what differs |
 | NaN/inf loss | update skipped and counted (``train/skipped_updates``); stop after max_nonfinite_updates in a row |
 | disk full while saving a checkpoint | CheckpointSaveError naming the path; the previous checkpoint stays loadable |
+
+Through ``vrpo``'s entry point (:func:`vrpo_pl.cli.main`) every error of the project's own checks above ends the
+command with one line, ``error: <message>``, and exit status 2; ``VRPO_DEBUG=1`` re-raises it with its traceback,
+and other exceptions (bugs) always keep theirs. Values that used to be accepted and silently wrong are refused there:
+a negative ``--model.rewards.clip`` or ``--model.ppo.value_clip``, ``--model.prompt.max_prompt_tokens`` <= 0,
+``--model.critic.decoder_hidden 0``, a ``KLController`` horizon that can turn the coefficient negative, and a
+``--trainer.val_check_interval`` that is not an integer >= 1.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import yaml
-from conftest import TINY_CONFIG, data_path_args
+from conftest import REPO_ROOT, TINY_CONFIG, data_path_args, shrink_args
 
 from vrpo_pl import losses
 from vrpo_pl.checkpoint import CheckpointSaveError
+from vrpo_pl.rewards import RewardFunction
 
 LONG_PROMPTS = [f"State the final answer to the following arithmetic problem: {' + '.join([str(i)] * 40)} =" for i in
                 range(12)]
@@ -233,3 +245,164 @@ def test_nan_losses_in_a_row_stop_the_run_and_keep_checkpoints(run_cli, tmp_path
     assert "rollout batch 1" in message
     checkpoint = torch.load(ckpt / "last.ckpt", weights_only=True)
     assert checkpoint["vrpo"]["rollouts"] == 1, "the checkpoint before the NaNs is intact"
+
+
+# ------------------------------------------------------------------------- one line through `vrpo`'s entry point
+@pytest.fixture()
+def run_main(single_thread, tmp_path, capsys):
+    """``run_main(*overrides, max_steps=1)`` -> (exit status, stderr) of ``vrpo fit`` on tiny.yaml via ``main``."""
+    from vrpo_pl.cli import main
+
+    def run(*overrides: str, max_steps: int = 1, subcommand: str = "fit") -> tuple[int | str | None, str]:
+        args = [subcommand, "--config", str(TINY_CONFIG), *shrink_args(tmp_path / "run", max_steps=max_steps),
+                *data_path_args(TINY_CONFIG), *overrides]
+        capsys.readouterr()
+        with mock.patch.object(sys, "argv", ["vrpo"]), pytest.raises(SystemExit) as exit_info:
+            main(args)
+        return exit_info.value.code, capsys.readouterr().err
+
+    return run
+
+
+def _assert_one_line(code, err: str, expected: list[str]) -> None:
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for text in expected:
+        assert text in last, f"{text!r} not in {last!r}"
+
+
+def _kl_horizon(tmp_path: Path, horizon: int) -> list[str]:
+    config = tmp_path / "kl.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "vrpo_pl.callbacks.KLController", "init_args": {"target": 1.0, "horizon": horizon}}]}}))
+    return ["--config", str(config)]
+
+
+class RaisingReward(RewardFunction):
+    """A reward whose scorer crashes."""
+
+    def score(self, completions):
+        raise KeyError("scorer lost its table")
+
+
+ONE_LINE_ERRORS = [
+    pytest.param(lambda t: ["--model.rewards.clip=-1"], ["--model.rewards.clip=-1.0 must be > 0"], id="reward-clip"),
+    pytest.param(lambda t: ["--model.ppo.value_clip=-0.2"], ["--model.ppo.value_clip=-0.2 must be > 0"],
+                 id="value-clip"),
+    pytest.param(lambda t: ["--model.prompt.max_prompt_tokens", "0"], ["--model.prompt.max_prompt_tokens=0",
+                                                                      ">= 1"], id="max-prompt-tokens-0"),
+    pytest.param(lambda t: ["--model.prompt.max_prompt_tokens", "-3"], ["--model.prompt.max_prompt_tokens=-3",
+                                                                       ">= 1"], id="max-prompt-tokens-negative"),
+    pytest.param(lambda t: ["--model.critic.decoder_hidden", "0"], ["--model.critic.decoder_hidden=0 must be >= 1"],
+                 id="decoder-hidden-0"),
+    pytest.param(lambda t: ["--trainer.val_check_interval", "0"],
+                 ["--trainer.val_check_interval=0 must be an integer >= 1"], id="val-check-interval-0"),
+    pytest.param(lambda t: ["--trainer.val_check_interval", "0.5"],
+                 ["--trainer.val_check_interval=0.5 must be an integer >= 1"], id="val-check-interval-fraction"),
+    pytest.param(lambda t: _kl_horizon(t, 1), ["KLController: horizon=1 must be > 0.2 * 8 = 1.6"],
+                 id="kl-horizon-negative-coef"),
+    pytest.param(lambda t: ["--model.reward", f"{__name__}.RaisingReward", "--model.validate_at_start", "false"],
+                 ["the reward RaisingReward raised on", "KeyError", "scorer lost its table"],
+                 id="raising-reward"),
+    *[pytest.param(make_args, expected, id=case.id) for case in STARTUP_ERRORS
+      for make_args, _, expected in [case.values]],
+]
+
+
+@pytest.mark.parametrize("make_args, expected", ONE_LINE_ERRORS)
+def test_expected_errors_print_one_line_and_exit_2(run_main, tmp_path, make_args, expected):
+    code, err = run_main(*make_args(tmp_path), *_checkpoints(tmp_path / "ckpt"))
+    _assert_one_line(code, err, expected)
+    assert not list(tmp_path.rglob("*.ckpt")), "nothing half-trained is saved"
+
+
+def test_incompatible_checkpoint_is_one_line_and_left_alone(run_main, one_rollout_checkpoint):
+    before = one_rollout_checkpoint.read_bytes()
+    code, err = run_main("--model.algorithm", "ppo", "--ckpt_path", str(one_rollout_checkpoint), max_steps=2)
+    _assert_one_line(code, err, [str(one_rollout_checkpoint), "incompatible configuration", "algorithm"])
+    assert one_rollout_checkpoint.read_bytes() == before
+
+
+def test_debug_switch_shows_the_traceback(run_main, monkeypatch):
+    monkeypatch.setenv("VRPO_DEBUG", "1")
+    with pytest.raises(ValueError, match="--model.rewards.clip=-1.0 must be > 0"):
+        run_main("--model.rewards.clip=-1")
+
+
+def test_a_bug_keeps_its_traceback(run_main, monkeypatch):
+    from vrpo_pl.system import RLSystem
+
+    def broken_step(self, batch, batch_idx):
+        return [1, 2][5]  # stands in for a bug: Python raises, no check of ours does
+
+    monkeypatch.setattr(RLSystem, "training_step", broken_step)
+    with pytest.raises(IndexError):
+        run_main("--model.validate_at_start", "false")
+
+
+def test_only_our_own_raise_statements_count_as_expected_errors():
+    """A ``raise`` in the package is one of its checks; Python failing inside the package's code is a bug."""
+    from vrpo_pl.cli import error_line, is_project_error
+
+    namespace = {"__name__": "vrpo_pl.example"}
+    exec(compile("def check(x):\n    raise ValueError(\n        f'--model.x={x} must be >= 1'\n    )\n"
+                 "def buggy(x):\n    return int(x)\n", "vrpo_pl/example.py", "exec"), namespace)
+    outside = {"__name__": "some_library"}
+    exec(compile("def check(x):\n    raise ValueError('bad')\n", "some_library.py", "exec"), outside)
+    for function, expected in [(namespace["check"], True), (namespace["buggy"], False), (outside["check"], False)]:
+        with pytest.raises(ValueError) as error:
+            function("x")
+        assert is_project_error(error.value) is expected, function
+    with pytest.raises(ValueError) as error:
+        namespace["check"]("x")
+    assert error_line(error.value) == "error: --model.x=x must be >= 1"
+    full = OSError(errno.ENOSPC, "no space left while saving 'a.ckpt'")
+    assert error_line(full) == "error: no space left while saving 'a.ckpt'"
+
+
+@pytest.mark.parametrize("horizon, n_samples, ok", [(2, 8, True), (1, 8, False), (20, 100, False), (21, 100, True)])
+def test_kl_horizon_that_could_turn_the_coefficient_negative_is_refused(horizon, n_samples, ok):
+    from vrpo_pl.callbacks.kl_control import adaptive_kl_update
+
+    if ok:
+        assert adaptive_kl_update(0.1, 0.0, 1.0, horizon, n_samples) > 0  # the largest decrease still leaves > 0
+    else:
+        with pytest.raises(ValueError, match=f"KLController: horizon={horizon} must be > 0.2 \\* {n_samples}"):
+            adaptive_kl_update(0.1, 0.0, 1.0, horizon, n_samples)
+
+
+def test_vrpo_command_prints_one_line_and_exits_2(tmp_path):
+    """The installed console script itself: no traceback, the flag and its range on the last line."""
+    args = ["fit", "--config", str(TINY_CONFIG), *shrink_args(tmp_path), *data_path_args(TINY_CONFIG),
+            "--model.rewards.clip=-1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("VRPO_DEBUG", None)
+    result = subprocess.run([str(Path(sys.executable).parent / "vrpo"), *args], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    _assert_one_line(result.returncode, result.stderr, ["--model.rewards.clip=-1.0 must be > 0 (or null"])
+
+
+def test_known_harmless_library_warnings_are_silenced_and_others_kept():
+    import warnings
+
+    from vrpo_pl.cli import quiet_known_warnings
+
+    emitted = [  # (message, category, the module that triggers it)
+        ("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, "lightning.pytorch.utilities"),
+        ("Your `IterableDataset` has `__len__` defined. In ...", UserWarning, "lightning.pytorch.utilities"),
+        ("\n    ``ArgumentParser.add_instantiator`` was deprecated in v4.49.0 and ...\n", DeprecationWarning,
+         "lightning.pytorch.cli"),
+        ("\n    skip_none parameter was deprecated in v4.49.0 and\n    will be removed", DeprecationWarning,
+         "lightning.pytorch.cli"),
+        ("`isinstance(treespec, LeafSpec)` is deprecated", UserWarning, "x"),  # another category: kept
+        ("a real problem", FutureWarning, "lightning.pytorch.utilities"),
+        ("``x`` was deprecated in v4.49.0", DeprecationWarning, "mine"),  # another module: kept
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        for message, category, module in emitted:
+            warnings.warn_explicit(message, category, f"{module}.py", 1, module=module)
+    assert [str(w.message) for w in caught] == [m for m, _, _ in emitted[4:]]

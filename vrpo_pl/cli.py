@@ -14,12 +14,21 @@ refused on CPU before anything is built. Several nodes: ``--trainer.num_nodes M`
 Every setting's documentation (its attribute docstring) shows in ``vrpo fit --help``; nested settings with
 ``class_path`` (sources, rewards, callbacks) show theirs with ``--help CLASS``-style options of jsonargparse,
 e.g. ``vrpo fit --model.reward.help vrpo_pl.rewards.SymmetricFlip``.
+
+Errors: a check of the project's own (a setting out of range, a data file, a model path, a checkpoint, a reward)
+stops the command with one line, ``error: <message>``, on stderr and exit status 2, in every process of a
+multi-process run (prefixed ``[rank N]`` there); ``VRPO_DEBUG=1`` shows the full traceback instead. Anything else
+(a bug, or a library's own failure) keeps its traceback. Parser errors (unknown flag, wrong type) are
+jsonargparse's, also exit status 2.
 """
 
 from __future__ import annotations
 
+import dis
+import os
 import sys
 import warnings
+from types import TracebackType
 
 import jsonargparse
 from lightning.pytorch.cli import LightningCLI
@@ -47,12 +56,36 @@ TRAINER_DEFAULTS = {
 
 
 class VRPOCLI(LightningCLI):
-    """LightningCLI with the project's trainer defaults and checks of the strategy before anything is built."""
+    """LightningCLI with the project's trainer defaults and checks of the strategy before anything is built.
+
+    Building one silences the known, harmless warnings (:func:`quiet_known_warnings`).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        quiet_known_warnings()
+        super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer") or {}
         check_strategy(_setting_name(trainer.get("strategy")), _setting_name(trainer.get("accelerator")))
+        check_val_check_interval(trainer.get("val_check_interval"))
+
+
+def check_val_check_interval(value) -> None:
+    """Refuses a ``--trainer.val_check_interval`` that cannot work on the infinite rollout stream.
+
+    Raises:
+        ValueError: a number that is not an integer >= 1 (0 divides by zero after the first rollout batch; a
+            fraction of an epoch never comes). Durations (``"00:01:00:00"``) and None are Lightning's to check.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not (isinstance(value, int) and value >= 1):
+        raise ValueError(
+            f"--trainer.val_check_interval={value!r} must be an integer >= 1: the number of rollout batches between "
+            "validations (the training stream is infinite, so a fraction of an epoch never comes)"
+        )
 
 
 def _setting_name(value) -> str:
@@ -93,12 +126,80 @@ QUIET_WARNINGS = (
     r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
 )
 
+# Library warnings about the libraries themselves, shown on every run and harmless here, each silenced by its
+# category and message (or the module that triggers it) only:
+# - Lightning's own pytree helper still builds torch's deprecated LeafSpec (torch >= 2.10 warns on it);
+# - our training stream is an IterableDataset with a __len__ and always num_workers=0 (the warning is about
+#   duplicates across several workers);
+# - LightningCLI calls jsonargparse APIs that jsonargparse 4.49+ deprecates (add_instantiator, ...).
+HARMLESS_LIBRARY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, ""),
+    (r"Your `IterableDataset` has `__len__` defined", UserWarning, ""),
+    (r"\s*By\s+default\s+only\s+one\s+JsonargparseDeprecationWarning", DeprecationWarning, r"lightning\.pytorch\.cli"),
+    (r"[\s\S]*\swas\s+deprecated\s+in\s+v4\.", DeprecationWarning, r"lightning\.pytorch\.cli"),
+)
 
-def main() -> None:
-    """Entry point of the ``vrpo`` console script."""
+DEBUG_ENV = "VRPO_DEBUG"
+"""Set to 1 for the full traceback of the project's own errors (by default one line, ``error: <message>``)."""
+
+
+def quiet_known_warnings() -> None:
+    """Installs the filters of :data:`QUIET_WARNINGS` and :data:`HARMLESS_LIBRARY_WARNINGS`."""
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    cli()
+    for message, category, module in HARMLESS_LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def _innermost(traceback: TracebackType | None) -> TracebackType | None:
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback
+
+
+def is_project_error(error: BaseException) -> bool:
+    """Whether ``error`` was raised by a ``raise`` statement in this package (one of its own checks).
+
+    Errors that a library raised, or that Python raised inside our code (a failed operation, not a ``raise``), are
+    bugs or unforeseen failures and keep their traceback.
+    """
+    if not isinstance(error, Exception):
+        return False
+    last = _innermost(error.__traceback__)
+    if last is None or not str(last.tb_frame.f_globals.get("__name__", "")).startswith("vrpo_pl"):
+        return False
+    code = last.tb_frame.f_code
+    return any(i.offset == last.tb_lasti and i.opname == "RAISE_VARARGS" for i in dis.get_instructions(code))
+
+
+def error_line(error: BaseException) -> str:
+    """``error: <message>`` on one line, prefixed by the rank in a multi-process run."""
+    if isinstance(error, OSError) and error.strerror:
+        message = error.strerror + (f": {error.filename!r}" if error.filename else "")
+    else:
+        message = str(error) or type(error).__name__
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = getattr(rank_zero_only, "rank", 0)
+    where = f"[rank {rank}] " if world > 1 or rank else ""
+    return f"error: {where}{' '.join(message.split())}"
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``vrpo`` console script (``args`` for tests; default: ``sys.argv``).
+
+    The project's own errors end the process with :func:`error_line` on stderr and exit status 2 (the traceback
+    only with ``VRPO_DEBUG=1``); other exceptions propagate with their traceback.
+    """
+    try:
+        cli(args)
+    except Exception as error:
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0") or not is_project_error(error):
+            raise
+        sys.stderr.flush()
+        print(error_line(error), file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
