@@ -406,3 +406,108 @@ def test_known_harmless_library_warnings_are_silenced_and_others_kept():
         for message, category, module in emitted:
             warnings.warn_explicit(message, category, f"{module}.py", 1, module=module)
     assert [str(w.message) for w in caught] == [m for m, _, _ in emitted[4:]]
+
+
+# ------------------------------------------------------------------------- export into an existing directory
+LORA = ["--model.lora", "{r: 4, alpha: 8}", "--model.critic_lora", "{r: 4, alpha: 8}"]
+
+
+@pytest.fixture(scope="module")
+def lora_system(run_cli, tmp_path_factory):
+    """A LoRA system whose adapters are moved off their initialization (B starts at zero)."""
+    cli = run_cli(tmp_path_factory.mktemp("lora_system"), *LORA, run=False)
+    system = cli.model
+    system.configure_model()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in system.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return system.eval()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _policy_logits(system, policy_dir: Path, adapter: bool) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if adapter:
+        model = PeftModel.from_pretrained(system.policy_source.causal_lm(torch.float32), policy_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("first_adapter", [True, False], ids=["adapter-then-merged", "merged-then-adapter"])
+def test_export_over_a_previous_export_equals_a_clean_one(lora_system, tmp_path, first_adapter):
+    from vrpo_pl.export import write_export
+
+    clean = tmp_path / "clean"
+    write_export(lora_system, clean, adapter_only=not first_adapter)
+    out = tmp_path / "out"
+    write_export(lora_system, out, adapter_only=first_adapter)
+    write_export(lora_system, out, adapter_only=not first_adapter, overwrite=True)
+    assert _tree(out).keys() == _tree(clean).keys(), "no file of the earlier export is left"
+    torch.testing.assert_close(_policy_logits(lora_system, out / "policy", adapter=not first_adapter),
+                               _policy_logits(lora_system, clean / "policy", adapter=not first_adapter),
+                               rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "out"], "no temporary directory is left"
+
+
+def test_export_into_a_non_empty_directory_is_refused_and_left_alone(lora_system, tmp_path):
+    from vrpo_pl.export import write_export
+
+    out = tmp_path / "out"
+    write_export(lora_system, out, adapter_only=True)
+    before = _tree(out)
+    with pytest.raises(ValueError, match=r"--out .*out' is not empty \(critic, policy\); pass --overwrite"):
+        write_export(lora_system, out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds more than a previous export \(notes.txt\)"):
+        write_export(lora_system, out, overwrite=True)
+    assert _tree(out) == {**before, "notes.txt": b"mine"}
+
+
+def test_failed_export_leaves_the_previous_one(lora_system, tmp_path, monkeypatch):
+    from vrpo_pl import export
+
+    out = tmp_path / "out"
+    export.write_export(lora_system, out, adapter_only=True)
+    before = _tree(out)
+
+    def disk_full(system, out_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "export_critic", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export.write_export(lora_system, out, overwrite=True)
+    assert _tree(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "the half-written export is removed"
+
+
+def test_export_directory_follows_the_umask(lora_system, tmp_path):
+    from vrpo_pl.export import write_export
+
+    umask = os.umask(0o027)
+    try:
+        write_export(lora_system, tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+
+
+def test_export_command_refuses_a_non_empty_out_before_loading(single_thread, tmp_path, capsys):
+    from vrpo_pl.export import main
+
+    out = tmp_path / "out"
+    (out / "policy").mkdir(parents=True)
+    (out / "policy" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt_path", str(tmp_path / "never-read.ckpt"), "--out", str(out)])
+    _assert_one_line(exit_info.value.code, capsys.readouterr().err, [str(out), "not empty", "--overwrite"])
+    assert _tree(out) == {"policy/config.json": b"{}"}

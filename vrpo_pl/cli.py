@@ -28,6 +28,7 @@ import dis
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from types import TracebackType
 
 import jsonargparse
@@ -186,20 +187,23 @@ def error_line(error: BaseException) -> str:
     return f"error: {where}{' '.join(message.split())}"
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``vrpo`` console script (``args`` for tests; default: ``sys.argv``).
-
-    The project's own errors end the process with :func:`error_line` on stderr and exit status 2 (the traceback
-    only with ``VRPO_DEBUG=1``); other exceptions propagate with their traceback.
-    """
+def run_reporting_errors(function: Callable[..., object], *args) -> None:
+    """Calls ``function(*args)``; the project's own errors end the process with :func:`error_line` on stderr and
+    exit status 2 (the traceback only with ``VRPO_DEBUG=1``), other exceptions propagate with their traceback."""
     try:
-        cli(args)
+        function(*args)
     except Exception as error:
         if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0") or not is_project_error(error):
             raise
         sys.stderr.flush()
         print(error_line(error), file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``vrpo`` console script (``args`` for tests; default: ``sys.argv``); errors as in
+    :func:`run_reporting_errors`."""
+    run_reporting_errors(cli, args)
 
 
 if __name__ == "__main__":

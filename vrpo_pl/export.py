@@ -10,6 +10,11 @@ weights, or with ``--adapter-only`` the adapter alone, which peft loads onto the
 hold the tokenizer. The system is built through the ``vrpo`` command's own parser from the same configuration
 and flags as the training run; the checkpoint must be a single file (the default for every strategy, see
 :mod:`vrpo_pl.checkpoint`).
+
+``OUT`` is written whole or not at all: the export goes to a temporary sibling directory that then replaces
+``OUT``, so no file of an earlier export survives beside the new one (an adapter left beside merged weights would
+be loaded on top of them). A non-empty ``OUT`` is refused unless ``--overwrite`` is given, and even then only when it
+holds nothing but a previous export (``policy/``, ``critic/``). A failed export leaves ``OUT`` as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +34,8 @@ from vrpo_pl.critic import ValueHead, ValueModel
 
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_CONFIG = "value_head.json"
+EXPORT_ENTRIES = frozenset({"policy", "critic"})
+"""What an export directory holds; ``--overwrite`` replaces a directory with nothing else in it."""
 
 
 def _check_not_sharded(model: nn.Module) -> None:
@@ -148,22 +158,107 @@ def load_trained_system(config_args: list[str], ckpt_path: str | Path):
     return system.eval()
 
 
+def check_export_target(out: str | Path, overwrite: bool = False) -> None:
+    """Refuses an ``--out`` that an export must not replace.
+
+    Args:
+        out: the export directory.
+        overwrite: replace a previous export there (``--overwrite``).
+
+    Raises:
+        ValueError: ``out`` is a file; or it is a non-empty directory and ``overwrite`` is off; or it holds
+            something besides a previous export (``policy/``, ``critic/``), which is never replaced.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory (it gets policy/ and critic/)")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not names:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"--out {str(out)!r} is not empty ({', '.join(names[:5])}); pass --overwrite to replace it whole with "
+            "the new export, or give a new or empty directory"
+        )
+    others = [name for name in names if name not in EXPORT_ENTRIES]
+    if others:
+        raise ValueError(
+            f"--out {str(out)!r} holds more than a previous export ({', '.join(others[:5])}); --overwrite replaces "
+            "only a directory with nothing but policy/ and critic/ in it: give a new or empty directory"
+        )
+
+
+def write_export(system, out: str | Path, adapter_only: bool = False, overwrite: bool = False) -> list[Path]:
+    """Writes ``out/policy`` (and ``out/critic`` with a critic) in a temporary sibling directory, then puts it in
+    place of ``out`` whole; ``out`` is left as it was if anything fails.
+
+    Args:
+        system: the trained :class:`~vrpo_pl.system.RLSystem`, built and not sharded.
+        out: the export directory.
+        adapter_only: save the policy's LoRA adapter alone (see :func:`export_policy`).
+        overwrite: replace a previous export in ``out`` (see :func:`check_export_target`).
+
+    Returns:
+        The directories written (``out/policy`` and, with a critic, ``out/critic``).
+    """
+    check_export_target(out, overwrite)
+    target = Path(os.path.abspath(out))  # a name and a parent even for "." or "exported/"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".vrpo-tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    try:
+        export_policy(system, staging / "policy", merge_lora=not adapter_only)
+        if system.critic is not None:
+            export_critic(system, staging / "critic")
+        _replace_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [Path(out) / name for name in ("policy", "critic") if (target / name).is_dir()]
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Renames ``new`` to ``target``; an existing ``target`` is moved aside first and removed after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".vrpo-old", dir=target.parent))
+    os.replace(target, aside)  # a directory renamed over an empty one (POSIX)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m vrpo_pl.export``; unknown arguments go to the ``vrpo`` parser."""
+    """Entry point of ``python -m vrpo_pl.export``; unknown arguments go to the ``vrpo`` parser. The project's own
+    errors end with one line and exit status 2, as in ``vrpo`` (:func:`vrpo_pl.cli.run_reporting_errors`)."""
+    from vrpo_pl.cli import run_reporting_errors
+
+    run_reporting_errors(_export, argv)
+
+
+def _export(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m vrpo_pl.export",
         description="Writes OUT/policy (and OUT/critic) as Hugging Face directories from a vrpo checkpoint. "
                     "Pass the training run's --config and flags as well.",
     )
     parser.add_argument("--ckpt_path", required=True, help="the checkpoint file (e.g. .../checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, help="output directory; gets policy/ and critic/")
+    parser.add_argument("--out", required=True,
+                        help="output directory; gets policy/ and critic/, written whole in a temporary sibling "
+                             "directory and then put in its place; must be new or empty unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous export in --out whole (a directory with only policy/ and critic/); "
+                             "no file of it is kept")
     parser.add_argument("--adapter-only", action="store_true", help="save the policy's LoRA adapter alone")
     args, config_args = parser.parse_known_args(argv)
+    check_export_target(args.out, args.overwrite)  # before the minutes of loading the model
     system = load_trained_system(config_args, args.ckpt_path)
-    out = Path(args.out)
-    written = [export_policy(system, out / "policy", merge_lora=not args.adapter_only)]
-    if system.critic is not None:
-        written.append(export_critic(system, out / "critic"))
+    written = write_export(system, args.out, adapter_only=args.adapter_only, overwrite=args.overwrite)
     print("wrote " + ", ".join(str(p) for p in written))
 
 
