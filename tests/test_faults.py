@@ -23,6 +23,7 @@ a negative ``--model.rewards.clip`` or ``--model.ppo.value_clip``, ``--model.pro
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import subprocess
@@ -171,8 +172,29 @@ def test_checkpoint_from_an_incompatible_config_is_refused(run_cli, one_rollout_
     assert one_rollout_checkpoint.read_bytes() == before
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(run_cli, tmp_path, monkeypatch):
-    """Saving after rollout 2 hits ENOSPC mid-write: a clear error, and last.ckpt of rollout 1 still loads."""
+class _FullDisk(io.RawIOBase):
+    """A file that takes ``room`` bytes and then fails each write with ENOSPC, as a full disk does."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+
+@pytest.mark.parametrize("torch_writes", [True, False], ids=["torch-runtime-error", "os-error"])
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(run_cli, tmp_path, monkeypatch, torch_writes):
+    """Saving after rollout 2 hits ENOSPC mid-write: a clear error, and last.ckpt of rollout 1 still loads.
+
+    ``torch-runtime-error``: torch.save itself writes into a file that runs out of room, and raises what it really
+    raises then (a RuntimeError of its zip writer whose context is the OSError); ``os-error``: an OSError.
+    """
     from vrpo_pl.export import load_trained_system
 
     ckpt = tmp_path / "ckpt"
@@ -182,6 +204,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(run_cli, tmp_path,
     def save_until_disk_full(obj, file, *args, **kwargs):
         if cli.model.rollouts < 2:
             return real_save(obj, file, *args, **kwargs)
+        if torch_writes:
+            return real_save(obj, _FullDisk(file, room=4096), *args, **kwargs)
         file.write(b"PK\x03\x04 partial")  # some bytes reach the disk, then it is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -511,3 +535,32 @@ def test_export_command_refuses_a_non_empty_out_before_loading(single_thread, tm
         main(["--ckpt_path", str(tmp_path / "never-read.ckpt"), "--out", str(out)])
     _assert_one_line(exit_info.value.code, capsys.readouterr().err, [str(out), "not empty", "--overwrite"])
     assert _tree(out) == {"policy/config.json": b"{}"}
+
+
+def test_atomic_checkpoint_io_on_a_full_disk_and_on_other_errors(tmp_path, monkeypatch):
+    """Unit level: torch's RuntimeError over an ENOSPC becomes CheckpointSaveError and the old file stays; a
+    RuntimeError that is not about the file propagates as it is; a saved file follows the umask."""
+    from vrpo_pl.checkpoint import AtomicCheckpointIO
+
+    io_plugin, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    umask = os.umask(0o022)
+    try:
+        io_plugin.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644, "not mkstemp's 0600"
+    before = path.read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, _FullDisk(f, room=64), *a, **k))
+    with pytest.raises(CheckpointSaveError, match="no space left on the device") as error:
+        io_plugin.save_checkpoint({"step": 2, "w": torch.zeros(10_000)}, path)
+    assert isinstance(error.value.__cause__, RuntimeError), "what torch raises, not a fake OSError"
+
+    def unrelated(*args, **kwargs):
+        raise RuntimeError("not about the file")
+
+    monkeypatch.setattr(torch, "save", unrelated)
+    with pytest.raises(RuntimeError, match="not about the file") as error:
+        io_plugin.save_checkpoint({"step": 3}, path)
+    assert not isinstance(error.value, CheckpointSaveError)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

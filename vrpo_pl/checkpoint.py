@@ -71,9 +71,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_atomically(checkpoint, path)
-        except OSError as error:
-            raise CheckpointSaveError(error.errno, _save_error_message(path, error)) from error
+        except (OSError, RuntimeError) as error:
+            # torch.save reports a failed write (disk full, ...) as a RuntimeError of its zip writer ("unexpected
+            # pos ...") whose context is the OSError; other RuntimeErrors are not about the file.
+            cause = _os_error_in_chain(error)
+            if cause is None:
+                raise
+            raise CheckpointSaveError(cause.errno, _save_error_message(path, cause)) from error
         _remove_stale_temporaries(path)
+
+
+def _os_error_in_chain(error: BaseException) -> OSError | None:
+    """``error`` itself if it is an OSError, else the first OSError among its causes and contexts."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
@@ -83,6 +99,9 @@ def _write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
             torch.save(checkpoint, file)
             file.flush()
             os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
         os.replace(tmp, path)
     except BaseException:
         # Also on KeyboardInterrupt: the half-written temporary must not pile up. (A kill -9 cannot run this;
