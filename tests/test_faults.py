@@ -10,7 +10,11 @@ and what to do, and nothing already written is lost.
 | non-UTF-8 data line, empty data file | ValueError naming file (and line) |
 | checkpoint from an incompatible configuration | ValueError naming the checkpoint and what differs |
 | NaN/inf loss | update skipped and counted (``train/skipped_updates``); stop after max_nonfinite_updates in a row |
-| disk full while saving a checkpoint | CheckpointSaveError naming the path; the previous checkpoint stays loadable |
+| disk full while saving (torch's RuntimeError over the OSError) | CheckpointSaveError naming the path; previous kept |
+| ``--ckpt_path last`` and no last checkpoint | stops naming where it looked (and an earlier run's newest checkpoint) |
+| a reward that stays NaN | each batch skipped; stop after max_nonfinite_updates in a row, checkpoints kept |
+| a NaN gold reward | RewardError naming the reward and the sample (not ``val/accuracy = nan``) |
+| export into a non-empty directory | refused without ``--overwrite``; with it, replaced whole (no stale adapter) |
 
 Through ``vrpo``'s entry point (:func:`vrpo_pl.cli.main`) every error of the project's own checks above ends the
 command with one line, ``error: <message>``, and exit status 2; ``VRPO_DEBUG=1`` re-raises it with its traceback,
@@ -564,3 +568,70 @@ def test_atomic_checkpoint_io_on_a_full_disk_and_on_other_errors(tmp_path, monke
         io_plugin.save_checkpoint({"step": 3}, path)
     assert not isinstance(error.value, CheckpointSaveError)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+# ------------------------------------------------------------------------- runs that would do nothing and exit 0
+def test_ckpt_path_last_without_a_checkpoint_names_where_it_looked(run_main, tmp_path):
+    code, err = run_main("--ckpt_path", "last")
+    _assert_one_line(code, err, ["--ckpt_path last: no last checkpoint (last.ckpt) in",
+                                 str(tmp_path / "run" / "tiny" / "version_0" / "checkpoints"), "--ckpt_path PATH"])
+    assert not list(tmp_path.rglob("*.ckpt")), "it did not train from scratch"
+
+
+def test_ckpt_path_last_points_to_the_newest_earlier_run(run_cli, run_main, tmp_path):
+    run_cli(tmp_path / "run", max_steps=2)  # the default ModelCheckpoint saves at the validation after rollout 2
+    (earlier,) = (tmp_path / "run" / "tiny" / "version_0" / "checkpoints").glob("*.ckpt")
+    before = earlier.read_bytes()
+    code, err = run_main("--ckpt_path", "last")
+    _assert_one_line(code, err, [str(tmp_path / "run" / "tiny" / "version_1" / "checkpoints"),
+                                 f"to resume the newest earlier run, --ckpt_path {earlier}"])
+    assert earlier.read_bytes() == before and len(list(tmp_path.rglob("*.ckpt"))) == 1
+
+
+class NaNFromSecondBatch(RewardFunction):
+    """The verifier's scores for the first rollout batch, NaN for every one after; the gold stays the verifier's."""
+
+    def __init__(self) -> None:
+        from vrpo_pl.rewards import NumericVerifier
+
+        self.verifier, self.calls = NumericVerifier(), 0
+
+    def score(self, completions):
+        scores, self.calls = self.verifier.score(completions), self.calls + 1
+        if self.calls > 1:
+            scores.train = torch.full_like(scores.train, float("nan"))
+        return scores
+
+    def gold_score(self, completions):
+        return self.verifier.gold_score(completions)
+
+
+def test_a_reward_that_stays_nan_stops_the_run_and_keeps_checkpoints(run_main, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    code, err = run_main("--model.reward", f"{__name__}.NaNFromSecondBatch", "--model.ppo.max_nonfinite_updates", "2",
+                         "--model.validate_at_start", "false", "--trainer.val_check_interval", "100",
+                         *_checkpoints(ckpt), max_steps=6)
+    _assert_one_line(code, err, ["2 rollout batches in a row had a non-finite reward from NaNFromSecondBatch",
+                                 "rollout batch 2", "--model.ppo.max_nonfinite_updates"])
+    trained = torch.load(ckpt / "epoch=0-step=1.ckpt", weights_only=True)
+    last = torch.load(ckpt / "last.ckpt", weights_only=True)
+    assert trained["vrpo"]["rollouts"] == 1 and last["vrpo"]["rollouts"] in (1, 2)
+    assert last["state_dict"].keys() == trained["state_dict"].keys()
+    assert all(torch.equal(v, trained["state_dict"][k]) for k, v in last["state_dict"].items()), \
+        "the checkpoints hold the trained batch's weights, nothing trained on the NaNs"
+
+
+class NaNGold(RewardFunction):
+    """A reward whose gold is NaN (a broken verifier)."""
+
+    def score(self, completions):
+        from vrpo_pl.rewards import RewardScores
+
+        return RewardScores(train=torch.zeros(len(completions)), gold=torch.full((len(completions),), float("nan")))
+
+
+def test_a_nan_gold_reward_at_validation_names_the_reward(run_main, tmp_path):
+    code, err = run_main("--model.reward", f"{__name__}.NaNGold", "--trainer.callbacks", "[]")
+    _assert_one_line(code, err, ["the gold score is not finite: the reward NaNGold returned nan for sample 0 of a "
+                                 "validation batch", "fix NaNGold's gold"])
+    assert not list(tmp_path.rglob("*.ckpt"))

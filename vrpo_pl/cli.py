@@ -29,6 +29,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 
 import jsonargparse
@@ -71,6 +72,70 @@ class VRPOCLI(LightningCLI):
         trainer = config.get("trainer") or {}
         check_strategy(_setting_name(trainer.get("strategy")), _setting_name(trainer.get("accelerator")))
         check_val_check_interval(trainer.get("val_check_interval"))
+
+    def before_fit(self) -> None:
+        self._check_last_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        self._check_last_checkpoint("validate")
+
+    def _check_last_checkpoint(self, subcommand: str) -> None:
+        if self.config_init[subcommand].get("ckpt_path") == "last":
+            check_last_checkpoint(self.trainer)
+
+
+def checkpoint_directories(trainer) -> list[str] | None:
+    """Where ``--ckpt_path last`` looks: each ModelCheckpoint's directory, resolved as Lightning's
+    ``ModelCheckpoint`` resolves it (its dirpath, else LOGGER_SAVE_DIR/NAME/version_N/checkpoints of this run, else
+    DEFAULT_ROOT_DIR/checkpoints). None when one is remote or has a templated ``last`` name (not checked here)."""
+    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    directories = []
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        if "{" in callback.CHECKPOINT_NAME_LAST:
+            return None
+        if callback.dirpath is not None:
+            directory = str(callback.dirpath)
+        elif trainer.loggers:
+            logger = trainer.loggers[0]
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            directory = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version,
+                                     "checkpoints")
+        else:
+            directory = os.path.join(trainer.default_root_dir, "checkpoints")
+        if not _is_local_file_protocol(directory):
+            return None
+        directories.append(directory)
+    return directories
+
+
+def check_last_checkpoint(trainer) -> None:
+    """Refuses ``--ckpt_path last`` when there is no last checkpoint (Lightning would train from scratch).
+
+    Raises:
+        ValueError: naming the directories looked in and, when an earlier run of the same logger left one, its
+            newest checkpoint file.
+    """
+    directories = checkpoint_directories(trainer)
+    if directories is None:
+        return
+    # Lightning's own test (ModelCheckpoint._find_last_checkpoints): a .ckpt whose name starts with "last".
+    if any(p.suffix == ".ckpt" and p.stem.startswith("last") for d in directories if Path(d).is_dir()
+           for p in Path(d).iterdir()):
+        return
+    where = ", ".join(repr(d) for d in directories) or "no directory: no ModelCheckpoint callback is configured"
+    hint = "give a checkpoint file with --ckpt_path PATH, or start without --ckpt_path"
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if logger is not None and logger.save_dir:
+        runs = Path(logger.save_dir, str(logger.name))
+        earlier = sorted(runs.glob("version_*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if earlier:
+            hint = ("each run logs to a new version_N directory; to resume the newest earlier run, "
+                    f"--ckpt_path {earlier[-1]}")
+    raise ValueError(f"--ckpt_path last: no last checkpoint (last.ckpt) in {where}; {hint}")
 
 
 def check_val_check_interval(value) -> None:

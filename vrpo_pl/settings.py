@@ -56,7 +56,8 @@ class PPOSettings:
     critic_warmup_rollouts: int = 0
     """Rollout batches at the start during which only the critic trains (Secrets of RLHF I)."""
     max_nonfinite_updates: int = 5
-    """Non-finite losses in a row after which the run stops; each one skips its optimizer step and is counted."""
+    """Non-finite losses in a row after which the run stops; each one skips its optimizer step and is counted. Also
+    the limit on rollout batches in a row skipped for a non-finite reward (``--model.rewards.on_nonfinite skip``)."""
 
     def __post_init__(self) -> None:
         p = self
@@ -132,8 +133,8 @@ class RewardSettings:
     clip: float | None = None
     """Clip (normalized) scores to [-clip, clip]; None: no clipping."""
     on_nonfinite: Literal["skip", "error"] = "skip"
-    """A NaN/inf reward: ``skip`` the rollout batch (logged, counted) or stop with an ``error`` naming the sample.
-    Never trains on it."""
+    """A NaN/inf reward: ``skip`` the rollout batch (logged, counted; --model.ppo.max_nonfinite_updates in a row
+    stop the run) or stop with an ``error`` naming the sample. Never trains on it."""
 
     def __post_init__(self) -> None:
         r = self

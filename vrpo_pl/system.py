@@ -47,7 +47,14 @@ from vrpo_pl.critic import ValueModel
 from vrpo_pl.logprobs import logprobs_and_entropy
 from vrpo_pl.metrics import MetricAccumulator, PhaseTimer, rollout_metrics
 from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, resolve_dtype, torch_dtype, training_attention
-from vrpo_pl.rewards.base import RewardError, RewardFunction, call_reward, needs_groups, nonfinite_message
+from vrpo_pl.rewards.base import (
+    RewardError,
+    RewardFunction,
+    call_reward,
+    check_nonfinite_streak,
+    needs_groups,
+    nonfinite_message,
+)
 from vrpo_pl.rollout import (
     GenerationSettings,
     PromptSettings,
@@ -261,10 +268,14 @@ class RLSystem(pl.LightningModule):
         # 2. Score: training reward (maybe noisy) and gold reward.
         with self.timer("score"):
             texts, completions, scores = self._score(batch, rollout)
-        if scores is None:  # a non-finite reward: nothing trains on this batch
+        if scores is None:  # a non-finite reward: nothing trains on this batch; too many in a row stop the run
+            self._nonfinite_in_row["reward"] = self._nonfinite_in_row.get("reward", 0) + 1
+            check_nonfinite_streak(self.reward, self._nonfinite_in_row["reward"], self.ppo.max_nonfinite_updates,
+                                   self.rollouts)
             self._count_rollout()
             self._log_metrics({"reward/skipped_batches": 1.0})
             return
+        self._nonfinite_in_row["reward"] = 0
         train_scores, gold, reward_metrics = scores
         rollout.scores = self._transform_scores(train_scores)
         # 3. Shape: per-token KL to the reference.

@@ -95,8 +95,9 @@ def call_reward(reward: RewardFunction, completions: list[Completion], where: st
         :class:`RewardScores` (train and gold as float32), or with ``gold_only`` the gold tensor or None.
 
     Raises:
-        RewardError: the reward raised (its exception chained), or returned a number of scores other than the
-            number of completions.
+        RewardError: the reward raised (its exception chained), returned a number of scores other than the
+            number of completions, or a gold score that is not finite (a non-finite training score is the caller's
+            to handle: ``--model.rewards.on_nonfinite``).
     """
     name, first = type(reward).__name__, completions[0].prompt[:80] if completions else ""
     try:
@@ -111,6 +112,11 @@ def call_reward(reward: RewardFunction, completions: list[Completion], where: st
                 f"the reward {name} returned {field_name} scores of shape {tuple(scores.shape)} for {len(completions)} "
                 f"completions on {where}; a reward must return one score per completion, shape ({len(completions)},)"
             )
+    gold = result if gold_only else result.gold
+    bad_gold = None if gold is None else nonfinite_message(reward, gold.float(), completions, where)
+    if bad_gold is not None:
+        raise RewardError(f"the gold score is not finite: {bad_gold}; validation accuracy and reward/gold need a "
+                          f"finite gold (a verifier's 0 or 1): fix {name}'s gold, or make it None where it has none")
     if gold_only:
         return None if result is None else result.float()
     return RewardScores(result.train.float(), None if result.gold is None else result.gold.float(), result.metrics)
@@ -125,6 +131,26 @@ def nonfinite_message(reward: RewardFunction, train: Tensor, completions: list[C
     return (f"the reward {type(reward).__name__} returned {train[i].item()} for sample {i} of {where} (prompt "
             f"{completions[i].prompt[:60]!r}, response {completions[i].response[:60]!r}); {len(bad)} non-finite in "
             "the batch")
+
+
+def check_nonfinite_streak(reward: RewardFunction, in_row: int, limit: int, rollout: int) -> None:
+    """Stops a run whose reward keeps returning non-finite scores (each such rollout batch is skipped).
+
+    Args:
+        reward: the training reward, for the message.
+        in_row: rollout batches in a row skipped for a non-finite reward, this one included.
+        limit: ``--model.ppo.max_nonfinite_updates``.
+        rollout: this rollout batch's index.
+
+    Raises:
+        RewardError: when ``in_row >= limit``.
+    """
+    if in_row >= limit:
+        raise RewardError(
+            f"{in_row} rollout batches in a row had a non-finite reward from {type(reward).__name__} (the last: "
+            f"rollout batch {rollout}), so nothing trained; stopping. Check the reward function, or raise "
+            "--model.ppo.max_nonfinite_updates. Checkpoints already written are intact."
+        )
 
 
 def needs_groups(reward: object) -> bool:
