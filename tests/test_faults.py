@@ -635,3 +635,81 @@ def test_a_nan_gold_reward_at_validation_names_the_reward(run_main, tmp_path):
     _assert_one_line(code, err, ["the gold score is not finite: the reward NaNGold returned nan for sample 0 of a "
                                  "validation batch", "fix NaNGold's gold"])
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# ------------------------------------------------------------------------- noise across ranks
+def _noise_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One process of the 2-process noise test: flips, a checkpoint state, and the draws after it."""
+    import torch.distributed as dist
+
+    from vrpo_pl.rewards import NumericVerifier, SymmetricFlip
+    from vrpo_pl.rewards.base import Completion
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        completions = [Completion(prompt="1 + 1 =", response=str(2 - i % 2), answer="2") for i in range(2000)]
+        noise = SymmetricFlip(NumericVerifier(), p=0.3, seed=0)
+        first = noise.score(completions)
+        state = noise.state_dict()  # collective, as in Lightning's checkpoint dump on every rank
+        expected = noise.score(completions).train
+        resumed = SymmetricFlip(NumericVerifier(), p=0.3, seed=99)
+        resumed.load_state_dict(_broadcast_state(state))
+        torch.save({"flips": first.train != first.gold, "after_resume": resumed.score(completions).train,
+                    "expected": expected, "saved_ranks": len(state.get("generator_by_rank", []))},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _broadcast_state(state):
+    """Rank 0's state dict on every rank: only rank 0's is written to the checkpoint, every rank loads that one."""
+    import torch.distributed as dist
+
+    holder = [state]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def test_noise_draws_differ_across_ranks_and_resume_per_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_noise_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert not torch.equal(ranks[0]["flips"], ranks[1]["flips"]), "each rank draws its own flips"
+    for r in ranks:
+        assert abs(r["flips"].float().mean().item() - 0.3) < 0.035  # 2000 draws: SE 0.010
+        assert r["saved_ranks"] == 2
+        assert torch.equal(r["after_resume"], r["expected"]), "each rank resumes its own generator"
+    assert abs(torch.cat([r["flips"] for r in ranks]).float().mean().item() - 0.3) < 0.025
+
+
+class RaisesOnRank1(RewardFunction):
+    """The verifier on rank 0; a crashing scorer on rank 1 (imported by the ``vrpo`` subprocesses)."""
+
+    def score(self, completions):
+        import torch.distributed as dist
+
+        from vrpo_pl.rewards import NumericVerifier
+
+        if dist.is_initialized() and dist.get_rank() == 1:
+            raise KeyError("rank 1 scorer lost its table")
+        return NumericVerifier().score(completions)
+
+
+@pytest.mark.slow
+def test_an_error_on_rank_1_is_one_line_on_each_rank(tmp_path):
+    """2-process DDP: rank 1 names the reward in its line, rank 0 says it lost rank 1; no traceback anywhere."""
+    args = ["fit", "--config", str(TINY_CONFIG), *shrink_args(tmp_path), *data_path_args(TINY_CONFIG),
+            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--model.algorithm", "ppo",
+            "--trainer.callbacks", "[]", "--model.validate_at_start", "false",
+            "--model.reward", "test_faults.RaisesOnRank1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "tests")}
+    env.pop("VRPO_DEBUG", None)
+    result = subprocess.run([str(Path(sys.executable).parent / "vrpo"), *args], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert any(line.startswith("error: [rank 1] the reward RaisesOnRank1 raised on rollout batch 0") and
+               "rank 1 scorer lost its table" in line for line in lines), lines
+    assert lines[-1].startswith("error: [rank 0] another process of this run stopped (its error is above)"), lines
+    assert not list(tmp_path.rglob("*.ckpt"))

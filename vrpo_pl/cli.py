@@ -17,8 +17,9 @@ e.g. ``vrpo fit --model.reward.help vrpo_pl.rewards.SymmetricFlip``.
 
 Errors: a check of the project's own (a setting out of range, a data file, a model path, a checkpoint, a reward)
 stops the command with one line, ``error: <message>``, on stderr and exit status 2, in every process of a
-multi-process run (prefixed ``[rank N]`` there); ``VRPO_DEBUG=1`` shows the full traceback instead. Anything else
-(a bug, or a library's own failure) keeps its traceback. Parser errors (unknown flag, wrong type) are
+multi-process run (prefixed ``[rank N]`` there; the processes that then lose their connection to it say so in one
+line and exit 1); ``VRPO_DEBUG=1`` shows the full traceback instead. Anything else (a bug, or a library's own
+failure) keeps its traceback. Parser errors (unknown flag, wrong type) are
 jsonargparse's, also exit status 2.
 """
 
@@ -246,23 +247,42 @@ def error_line(error: BaseException) -> str:
         message = str(error) or type(error).__name__
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+    # Lightning's launcher sets LOCAL_RANK in every process it runs (and removes WORLD_SIZE at teardown).
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = getattr(rank_zero_only, "rank", 0)
-    where = f"[rank {rank}] " if world > 1 or rank else ""
+    where = f"[rank {rank}] " if world > 1 or rank or "LOCAL_RANK" in os.environ else ""
     return f"error: {where}{' '.join(message.split())}"
 
 
 def run_reporting_errors(function: Callable[..., object], *args) -> None:
     """Calls ``function(*args)``; the project's own errors end the process with :func:`error_line` on stderr and
-    exit status 2 (the traceback only with ``VRPO_DEBUG=1``), other exceptions propagate with their traceback."""
+    exit status 2 (the traceback only with ``VRPO_DEBUG=1``). In a multi-process run, a process whose collective
+    failed because another one exited says so in one line and exits 1 (see :func:`lost_a_peer`). Other exceptions
+    propagate with their traceback."""
     try:
         function(*args)
     except Exception as error:
-        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0") or not is_project_error(error):
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
             raise
-        sys.stderr.flush()
-        print(error_line(error), file=sys.stderr, flush=True)
-        sys.exit(2)
+        if is_project_error(error):
+            sys.stderr.flush()
+            print(error_line(error), file=sys.stderr, flush=True)
+            sys.exit(2)
+        if lost_a_peer(error):
+            sys.stderr.flush()
+            first = str(error).splitlines()[0][:160]
+            print(error_line(RuntimeError(f"another process of this run stopped (its error is above), so this one lost "
+                                          f"its connection: {first}")), file=sys.stderr, flush=True)
+            sys.exit(1)
+        raise
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process of a multi-process run exited (gloo's
+    "Connection closed by peer"): that process printed the cause; a traceback here would bury it."""
+    text = str(error)
+    return ("LOCAL_RANK" in os.environ and isinstance(error, RuntimeError)
+            and any(s in text for s in ("Connection closed by peer", "Connection reset by peer")))
 
 
 def main(args: list[str] | None = None) -> None:

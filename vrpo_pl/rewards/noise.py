@@ -5,6 +5,12 @@ so they compose (``LengthBias(base=SymmetricFlip(base=NumericVerifier()))``). Ra
 ``torch.Generator`` on the CPU; ``state_dict`` saves it (and the base's state, recursively) so a resumed run draws
 the same noise. ``gold_score`` always delegates to the base and never draws.
 
+Across ranks each process draws its own flips: the generator of rank r is seeded with :func:`rank_seed` (``seed``
+on rank 0, so one process draws as before; offset by r * 0x9E3779B9 elsewhere), created at the first draw, when the
+process group exists. ``state_dict`` then holds every rank's state (it gathers them; Lightning builds the checkpoint
+on every rank and rank 0 writes it), and ``load_state_dict`` gives each rank its own back. A rank the checkpoint
+has no state for (it was written by fewer processes) keeps its fresh rank seed.
+
 The flip models follow the Bernoulli flip model of noise-corrected GRPO (arXiv 2510.18924): false-positive rate
 rho+ = P(r~=1 | r*=0), false-negative rate rho- = P(r~=0 | r*=1). :class:`FlipRateCorrection` applies that paper's
 unbiased estimator r^ = (r~ - rho+) / (1 - rho+ - rho-), which needs Youden's J = 1 - rho+ - rho- > 0 ("Rate or
@@ -21,6 +27,7 @@ from abc import abstractmethod
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from vrpo_pl.rewards.base import Completion, RewardFunction, RewardScores
@@ -152,17 +159,48 @@ def _check_base(owner: str, base: Any) -> None:
         )
 
 
+RANK_SEED_STRIDE = 0x9E3779B9
+"""The seed offset from one rank to the next (2**32 / golden ratio): far apart for small seeds. Not 2**32, because the
+CPU generator (mt19937) keeps only the low 32 bits of its seed."""
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s noise generator: ``seed`` on rank 0, ``(seed + rank * 0x9E3779B9) mod 2**32``
+    elsewhere.
+
+    >>> rank_seed(7, 0), rank_seed(7, 1)
+    (7, 2654435776)
+    """
+    return seed if rank == 0 else (seed + rank * RANK_SEED_STRIDE) % (1 << 32)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class _NoiseWrapper(RewardFunction):
     """Shared plumbing: delegation to ``base``, gold pass-through, metrics, state and device."""
 
     base: RewardFunction
-    generator: torch.Generator | None = None
+    seed: int | None = None
+    _generator: torch.Generator | None = None
+    _rank: int = 0
 
     def _setup(self, base: RewardFunction, seed: int | None) -> None:
         _check_base(type(self).__name__, base)
-        self.base = base
-        if seed is not None:
-            self.generator = torch.Generator().manual_seed(seed)
+        self.base, self.seed = base, seed
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """This rank's generator (None for deterministic wrappers), seeded with :func:`rank_seed` at first use."""
+        if self.seed is None:
+            return None
+        if self._generator is None:
+            self._rank = _rank_and_world()[0]
+            self._generator = torch.Generator().manual_seed(rank_seed(self.seed, self._rank))
+        return self._generator
 
     @abstractmethod
     def _corrupt(self, train: Tensor, completions: list[Completion]) -> Tensor:
@@ -187,16 +225,27 @@ class _NoiseWrapper(RewardFunction):
         return self.base.gold_score(completions)
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator's state (if any) and the base's state."""
+        """The generator's state (if any) and the base's state; with several processes also every rank's
+        generator state, rank by rank (``generator_by_rank``; a collective: call it on every rank)."""
         state: dict[str, Any] = {"base": self.base.state_dict()}
         if self.generator is not None:
             state["generator"] = self.generator.get_state()
+            world = _rank_and_world()[1]
+            if world > 1:
+                gathered: list[Any] = [None] * world
+                dist.all_gather_object(gathered, state["generator"])
+                state["generator_by_rank"] = gathered
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s output, so the next draws repeat those of the saved run."""
+        """Restores :meth:`state_dict`'s output, so each rank's next draws repeat those of the saved run."""
         self.base.load_state_dict(state.get("base", {}))
-        if self.generator is not None:
+        if self.generator is None:
+            return
+        by_rank = state.get("generator_by_rank")
+        if by_rank is not None and self._rank < len(by_rank):
+            self.generator.set_state(by_rank[self._rank])
+        elif self._rank == 0:
             self.generator.set_state(state["generator"])
 
     def to(self, device: torch.device) -> RewardFunction:
