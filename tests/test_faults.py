@@ -713,3 +713,41 @@ def test_an_error_on_rank_1_is_one_line_on_each_rank(tmp_path):
                "rank 1 scorer lost its table" in line for line in lines), lines
     assert lines[-1].startswith("error: [rank 0] another process of this run stopped (its error is above)"), lines
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# ------------------------------------------------------------------------- library errors re-raised naming the input
+@pytest.mark.parametrize("damage, expected", [
+    pytest.param(lambda data: b"", "is empty (0 bytes)", id="empty"),
+    pytest.param(lambda data: data[: len(data) // 2], "is truncated or damaged", id="truncated"),
+    pytest.param(None, "does not exist", id="missing"),
+])
+def test_unreadable_checkpoint_is_named_on_resume_and_export(run_main, one_rollout_checkpoint, tmp_path, capsys,
+                                                            damage, expected):
+    from vrpo_pl.export import main as export_main
+
+    ckpt = tmp_path / "copy.ckpt"
+    if damage is not None:
+        ckpt.write_bytes(damage(one_rollout_checkpoint.read_bytes()))
+    before = ckpt.read_bytes() if damage is not None else None
+    code, err = run_main("--ckpt_path", str(ckpt))
+    _assert_one_line(code, err, [f"--ckpt_path {str(ckpt)!r} {expected}", "resume from another checkpoint"])
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--config", str(TINY_CONFIG), *data_path_args(TINY_CONFIG), "--ckpt_path", str(ckpt),
+                     "--out", str(tmp_path / "exported")])
+    _assert_one_line(exit_info.value.code, capsys.readouterr().err, [f"--ckpt_path {str(ckpt)!r} {expected}"])
+    assert (ckpt.read_bytes() if damage is not None else None) == before and not (tmp_path / "exported").exists()
+
+
+def test_atomic_checkpoint_io_names_an_unreadable_file(tmp_path):
+    """``Trainer.fit(ckpt_path=...)`` from Python loads through the plugin: the same messages as the command."""
+    from vrpo_pl.checkpoint import AtomicCheckpointIO, CheckpointLoadError
+
+    io_plugin, path = AtomicCheckpointIO(), tmp_path / "a.ckpt"
+    io_plugin.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    assert torch.equal(io_plugin.load_checkpoint(path, weights_only=True)["w"], torch.ones(1000))
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointLoadError, match=r"'.*a.ckpt' is truncated or damaged \(300 bytes; torch: "):
+        io_plugin.load_checkpoint(path, weights_only=True)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointLoadError, match="is empty"):
+        io_plugin.load_checkpoint(path, weights_only=True)

@@ -46,11 +46,61 @@ class CheckpointSaveError(OSError):
     """A checkpoint could not be written; the file previously at that path is unchanged."""
 
 
+class CheckpointLoadError(ValueError):
+    """A checkpoint file is missing, empty or truncated; the message names it and what to do."""
+
+
+def check_readable(path, error: BaseException | None = None) -> None:
+    """Raises :class:`CheckpointLoadError` naming ``path`` when it is missing or empty, or when ``error`` (raised
+    while loading it) is torch's report of a truncated file.
+
+    torch reports an empty file as a bare ``EOFError`` and a truncated one as a ``RuntimeError`` of its zip reader
+    ("failed finding central directory"); neither names the file.
+    """
+    path = Path(path)
+    todo = ("resume from another checkpoint (the epoch=...-step=... files beside last.ckpt), or start without "
+            "--ckpt_path")
+    if not path.is_file():
+        raise CheckpointLoadError(f"--ckpt_path {str(path)!r} does not exist (or is not a file); {todo}")
+    if path.stat().st_size == 0:
+        raise CheckpointLoadError(f"--ckpt_path {str(path)!r} is empty (0 bytes); {todo}")
+    zip_failure = isinstance(error, RuntimeError) and "PytorchStreamReader failed" in str(error)
+    if isinstance(error, EOFError) or zip_failure:
+        raise CheckpointLoadError(
+            f"--ckpt_path {str(path)!r} is truncated or damaged ({path.stat().st_size} bytes; torch: "
+            f"{str(error).splitlines()[0][:100] if str(error) else type(error).__name__}), e.g. a copy cut short; "
+            f"{todo}"
+        ) from error
+
+
+def load_checkpoint_file(path, **torch_load_kwargs) -> dict[str, Any]:
+    """``torch.load(path, ...)`` whose failures on a missing, empty or truncated file name it (see
+    :func:`check_readable`)."""
+    check_readable(path)
+    try:
+        return torch.load(path, **torch_load_kwargs)
+    except (RuntimeError, EOFError) as error:
+        check_readable(path, error)
+        raise
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` that writes to a temporary file, fsyncs it, then renames it over the target.
+    """``TorchCheckpointIO`` that writes to a temporary file, fsyncs it, then renames it over the target, and whose
+    loading names a missing, empty or truncated checkpoint (:func:`check_readable`).
 
     Selected by default in the ``vrpo`` command; in Python: ``Trainer(plugins=[AtomicCheckpointIO()])``.
     """
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict[str, Any]:
+        """Lightning's loading, with :func:`check_readable`'s messages for a local file that cannot be read."""
+        if not _is_local_file_protocol(str(path)):
+            return super().load_checkpoint(path, *args, **kwargs)
+        check_readable(path)
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except (RuntimeError, EOFError) as error:
+            check_readable(path, error)
+            raise
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         """Writes ``checkpoint`` to ``path`` atomically.

@@ -36,6 +36,7 @@ from types import TracebackType
 import jsonargparse
 from lightning.pytorch.cli import LightningCLI
 
+from vrpo_pl.checkpoint import check_readable
 from vrpo_pl.data import PromptDataModule
 from vrpo_pl.distributed import check_strategy  # importing it registers --trainer.strategy fsdp2
 from vrpo_pl.system import RLSystem
@@ -73,6 +74,22 @@ class VRPOCLI(LightningCLI):
         trainer = config.get("trainer") or {}
         check_strategy(_setting_name(trainer.get("strategy")), _setting_name(trainer.get("accelerator")))
         check_val_check_interval(trainer.get("val_check_interval"))
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path while parsing (for its hyperparameters), before any hook of ours: a missing,
+        # empty or truncated file is named here rather than by torch's bare EOFError or zip-reader error.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        is_file_path = (isinstance(ckpt_path, str) and ckpt_path not in ("last", "best", "hpc")
+                        and not ckpt_path.startswith("registry:") and "://" not in ckpt_path)
+        if is_file_path:
+            check_readable(ckpt_path)
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError) as error:
+            if is_file_path:
+                check_readable(ckpt_path, error)
+            raise
 
     def before_fit(self) -> None:
         self._check_last_checkpoint("fit")

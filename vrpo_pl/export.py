@@ -131,6 +131,7 @@ def load_trained_system(config_args: list[str], ckpt_path: str | Path):
     The trainer is forced to one CPU process (nothing is launched); the checkpoint's fingerprint is checked
     against the configuration as when resuming.
     """
+    from vrpo_pl.checkpoint import check_readable, load_checkpoint_file
     from vrpo_pl.cli import build_cli
 
     ckpt_path = Path(ckpt_path)
@@ -139,14 +140,13 @@ def load_trained_system(config_args: list[str], ckpt_path: str | Path):
             f"--ckpt_path {str(ckpt_path)!r} is a sharded checkpoint directory; export reads single-file checkpoints "
             "(the default of every strategy, FSDP2Strategy(save_distributed_checkpoint=False))"
         )
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {str(ckpt_path)!r} does not exist")
+    check_readable(ckpt_path)  # before the models are built
     single = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
               "--trainer.strategy", "auto"]
     cli = build_cli([*config_args, *single], save_config_kwargs={"overwrite": True})
     system = cli.model
     system.configure_model()
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=False)
     system.on_load_checkpoint(checkpoint)  # checks the fingerprint first
     missing, unexpected = system.load_state_dict(checkpoint["state_dict"], strict=False)
     if unexpected:
