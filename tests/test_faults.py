@@ -16,6 +16,10 @@ and what to do, and nothing already written is lost.
 | a NaN gold reward | RewardError naming the reward and the sample (not ``val/accuracy = nan``) |
 | export into a non-empty directory | refused without ``--overwrite``; with it, replaced whole (no stale adapter) |
 
+Library errors about our inputs are re-raised naming them: a YAML syntax error (file, line, column), a missing,
+empty or truncated checkpoint, and the trainer settings that manual optimization ignores (accumulate_grad_batches,
+gradient_clip_val, --optimizer, --lr_scheduler: each points to the setting that does the job).
+
 Through ``vrpo``'s entry point (:func:`vrpo_pl.cli.main`) every error of the project's own checks above ends the
 command with one line, ``error: <message>``, and exit status 2; ``VRPO_DEBUG=1`` re-raises it with its traceback,
 and other exceptions (bugs) always keep theirs. Values that used to be accepted and silently wrong are refused there:
@@ -308,6 +312,12 @@ def _kl_horizon(tmp_path: Path, horizon: int) -> list[str]:
     return ["--config", str(config)]
 
 
+def _broken_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  ppo: {epochs: 2\n")
+    return path
+
+
 class RaisingReward(RewardFunction):
     """A reward whose scorer crashes."""
 
@@ -334,6 +344,19 @@ ONE_LINE_ERRORS = [
     pytest.param(lambda t: ["--model.reward", f"{__name__}.RaisingReward", "--model.validate_at_start", "false"],
                  ["the reward RaisingReward raised on", "KeyError", "scorer lost its table"],
                  id="raising-reward"),
+    pytest.param(lambda t: ["--config", str(_broken_yaml(t))],
+                 ["--config", "broken.yaml: not valid YAML at line 3, column 1", "expected ',' or '}'"],
+                 id="yaml-syntax-error"),
+    pytest.param(lambda t: ["--trainer.accumulate_grad_batches", "4"],
+                 ["--trainer.accumulate_grad_batches=4 does not apply", "--model.ppo.micro_batch_size"],
+                 id="accumulate-grad-batches"),
+    pytest.param(lambda t: ["--trainer.gradient_clip_val", "1.0"],
+                 ["--trainer.gradient_clip_val=1.0 does not apply", "--model.optim.policy_max_grad_norm"],
+                 id="gradient-clip-val"),
+    pytest.param(lambda t: ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"],
+                 ["--optimizer does not apply", "--model.optim"], id="optimizer"),
+    pytest.param(lambda t: ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1"],
+                 ["--lr_scheduler does not apply", "no learning-rate schedule"], id="lr-scheduler"),
     *[pytest.param(make_args, expected, id=case.id) for case in STARTUP_ERRORS
       for make_args, _, expected in [case.values]],
 ]

@@ -67,6 +67,8 @@ class VRPOCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         quiet_known_warnings()
+        argv = kwargs.get("args")
+        check_config_files(sys.argv[1:] if argv is None else argv)
         super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -74,6 +76,7 @@ class VRPOCLI(LightningCLI):
         trainer = config.get("trainer") or {}
         check_strategy(_setting_name(trainer.get("strategy")), _setting_name(trainer.get("accelerator")))
         check_val_check_interval(trainer.get("val_check_interval"))
+        check_manual_optimization(config)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path while parsing (for its hyperparameters), before any hook of ours: a missing,
@@ -154,6 +157,59 @@ def check_last_checkpoint(trainer) -> None:
             hint = ("each run logs to a new version_N directory; to resume the newest earlier run, "
                     f"--ckpt_path {earlier[-1]}")
     raise ValueError(f"--ckpt_path last: no last checkpoint (last.ckpt) in {where}; {hint}")
+
+
+def check_config_files(argv) -> None:
+    """Refuses a ``--config`` file that is not valid YAML, naming the file, line and column (jsonargparse's own
+    message names only "<unicode string>").
+
+    Raises:
+        ValueError: the first ``--config`` / ``-c`` file with a YAML syntax error.
+    """
+    import yaml
+
+    if not isinstance(argv, (list, tuple)):
+        return
+    paths = [value for flag, value in zip(argv, argv[1:], strict=False) if flag in ("--config", "-c")]
+    paths += [a.split("=", 1)[1] for a in argv if isinstance(a, str) and a.startswith("--config=")]
+    for path in paths:
+        if not isinstance(path, str) or not Path(path).is_file():
+            continue  # not a file (inline YAML, a missing path): jsonargparse reports it
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark or error.context_mark
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"--config {path}: not valid YAML{where}: {error.problem or error}") from None
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path}: not valid YAML: {error}") from None
+
+
+def check_manual_optimization(config) -> None:
+    """Refuses the settings that Lightning's automatic optimization reads and RLSystem (manual) never does.
+
+    Raises:
+        ValueError: naming the flag and the setting of RLSystem that does the job.
+    """
+    trainer = config.get("trainer") or {}
+    accumulate, clip = trainer.get("accumulate_grad_batches"), trainer.get("gradient_clip_val")
+    if accumulate not in (None, 1):
+        raise ValueError(
+            f"--trainer.accumulate_grad_batches={accumulate} does not apply: RLSystem optimizes manually and "
+            "accumulates micro-batches itself; set --model.ppo.micro_batch_size (or "
+            "--model.ppo.max_tokens_per_micro_batch) below --model.ppo.mini_batch_size instead"
+        )
+    if clip is not None:
+        raise ValueError(
+            f"--trainer.gradient_clip_val={clip} does not apply: RLSystem optimizes manually and clips each model "
+            "itself; set --model.optim.policy_max_grad_norm and --model.optim.critic_max_grad_norm instead"
+        )
+    for flag in ("optimizer", "lr_scheduler"):
+        if config.get(flag) is not None:
+            raise ValueError(
+                f"--{flag} does not apply: RLSystem builds and steps its own two AdamW optimizers (policy and critic; "
+                "see --model.optim) and has no learning-rate schedule"
+            )
 
 
 def check_val_check_interval(value) -> None:
