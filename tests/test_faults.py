@@ -16,6 +16,7 @@ and what to do, and nothing already written is lost.
 | a NaN gold reward | RewardError naming the reward and the sample (not ``val/accuracy = nan``) |
 | export into a non-empty directory | refused without ``--overwrite``; with it, replaced whole (no stale adapter) |
 
+A data record without the answer the reward needs is refused at start, naming file:line and ``answer_key``.
 Library errors about our inputs are re-raised naming them: a YAML syntax error (file, line, column), a missing,
 empty or truncated checkpoint, and the trainer settings that manual optimization ignores (accumulate_grad_batches,
 gradient_clip_val, --optimizer, --lr_scheduler: each points to the setting that does the job).
@@ -312,6 +313,14 @@ def _kl_horizon(tmp_path: Path, horizon: int) -> list[str]:
     return ["--config", str(config)]
 
 
+def _without_answer(tmp_path: Path) -> Path:
+    path = _jsonl(tmp_path / "without-answer.jsonl", [f"{i} + 1 =" for i in range(12)])
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps({"prompt": "2 + 1 ="})
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _broken_yaml(tmp_path: Path) -> Path:
     path = tmp_path / "broken.yaml"
     path.write_text("model:\n  ppo: {epochs: 2\n")
@@ -357,6 +366,13 @@ ONE_LINE_ERRORS = [
                  ["--optimizer does not apply", "--model.optim"], id="optimizer"),
     pytest.param(lambda t: ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1"],
                  ["--lr_scheduler does not apply", "no learning-rate schedule"], id="lr-scheduler"),
+    pytest.param(lambda t: _data(_without_answer(t)),
+                 ["without-answer.jsonl: record without-answer.jsonl:3 ('2 + 1 =') has no 'answer'",
+                  "SymmetricFlip (its NumericVerifier)", "--data.source.init_args.answer_key"],
+                 id="record-without-answer"),
+    pytest.param(lambda t: ["--data.source.init_args.answer_key", "solution"],
+                 ["record arithmetic.jsonl:1", "has no 'solution'", "--data.source.init_args.answer_key"],
+                 id="wrong-answer-key"),
     *[pytest.param(make_args, expected, id=case.id) for case in STARTUP_ERRORS
       for make_args, _, expected in [case.values]],
 ]

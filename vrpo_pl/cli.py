@@ -78,6 +78,9 @@ class VRPOCLI(LightningCLI):
         check_val_check_interval(trainer.get("val_check_interval"))
         check_manual_optimization(config)
 
+    def after_instantiate_classes(self) -> None:
+        check_data_has_answers(getattr(self.model, "reward", None), getattr(self.datamodule, "source", None))
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path while parsing (for its hyperparameters), before any hook of ours: a missing,
         # empty or truncated file is named here rather than by torch's bare EOFError or zip-reader error.
@@ -183,6 +186,28 @@ def check_config_files(argv) -> None:
             raise ValueError(f"--config {path}: not valid YAML{where}: {error.problem or error}") from None
         except yaml.YAMLError as error:
             raise ValueError(f"--config {path}: not valid YAML: {error}") from None
+
+
+def check_data_has_answers(reward, source) -> None:
+    """Refuses, before the first rollout, a data file with a record lacking its answer when the reward needs one
+    (else the run stops at the rollout batch that first draws it).
+
+    Raises:
+        ValueError: naming the file, the record (``file:line``) and ``answer_key``.
+    """
+    from vrpo_pl.rewards.base import answer_reader
+
+    reader = answer_reader(reward)
+    if not hasattr(source, "first_without_answer") or reader is None:
+        return
+    record = source.first_without_answer()
+    if record is not None:
+        used = type(reward).__name__ + ("" if reader is reward else f" (its {type(reader).__name__})")
+        raise ValueError(
+            f"{source.path}: record {record['id']} ({record['prompt'][:60]!r}) has no {source.answer_key!r}, but the "
+            f"reward {used} checks every response against its reference answer; add it to every record, or set "
+            "--data.source.init_args.answer_key to the key that holds the answers"
+        )
 
 
 def check_manual_optimization(config) -> None:

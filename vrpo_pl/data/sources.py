@@ -193,6 +193,11 @@ class FilePromptSource(PromptSource):
         """See :meth:`PromptSource.validation_records`."""
         return self._split(val_size)[0]
 
+    def first_without_answer(self) -> PromptRecord | None:
+        """The first record of the file without a reference answer (``answer_key``), or None when all have one.
+        Its ``id`` is ``file:line`` unless ``id_key`` is set."""
+        return next((row for row in self._rows if row["answer"] is None), None)
+
     def train_record(self, index: int, *, val_size: int, seed: int) -> PromptRecord:
         """See :meth:`PromptSource.train_record`: epoch ``e`` visits every training record once, shuffled with
         a seed derived from ``(seed, e)``."""

@@ -153,6 +153,17 @@ def check_nonfinite_streak(reward: RewardFunction, in_row: int, limit: int, roll
         )
 
 
+def answer_reader(reward: object) -> RewardFunction | None:
+    """The reward, ``reward`` itself or one it wraps (``base``) or scores its gold with (``gold``), that reads
+    ``Completion.answer`` for every completion (a ``needs_answers`` attribute, as NumericVerifier's); None if none."""
+    if not isinstance(reward, RewardFunction):
+        return None
+    if getattr(reward, "needs_answers", False):
+        return reward
+    inner = (answer_reader(getattr(reward, name, None)) for name in ("base", "gold"))
+    return next((r for r in inner if r is not None), None)
+
+
 def needs_groups(reward: object) -> bool:
     """Whether ``reward`` (or a reward it wraps, through ``base``) compares the G responses to one prompt."""
     while reward is not None:

@@ -183,6 +183,9 @@ def _verdicts(values: list[float], found: list[bool]) -> RewardScores:
 class NumericVerifier(RewardFunction):
     """1 when the extracted answer equals the reference answer (numerically when both are numbers), else 0."""
 
+    needs_answers = True
+    """Every completion must carry its reference answer (checked against the data at start)."""
+
     def __init__(self, extract: ExtractMode = "last_number", pattern: str | None = None, tolerance: float = 1e-6):
         """Builds the verifier.
 
