@@ -790,3 +790,13 @@ def test_atomic_checkpoint_io_names_an_unreadable_file(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(CheckpointLoadError, match="is empty"):
         io_plugin.load_checkpoint(path, weights_only=True)
+
+
+def test_validate_prints_its_metrics(single_thread, one_rollout_checkpoint, tmp_path, capsys):
+    from vrpo_pl.cli import main
+
+    with mock.patch.object(sys, "argv", ["vrpo"]):
+        main(["validate", "--config", str(TINY_CONFIG), *shrink_args(tmp_path), *data_path_args(TINY_CONFIG),
+              "--ckpt_path", str(one_rollout_checkpoint)])
+    out = capsys.readouterr().out
+    assert f"validation (rollout 1, checkpoint {one_rollout_checkpoint}): {{" in out and "'val/accuracy': " in out

@@ -103,6 +103,14 @@ class VRPOCLI(LightningCLI):
     def before_validate(self) -> None:
         self._check_last_checkpoint("validate")
 
+    def after_validate(self) -> None:
+        """Prints the validation metrics (they are logged at the rollout step, which Lightning's table skips)."""
+        metrics = {k: round(float(v), 6) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        if self.trainer.is_global_zero:
+            ckpt = self.config_init["validate"].get("ckpt_path")
+            source = f", checkpoint {ckpt}" if ckpt else ""
+            print(f"validation (rollout {getattr(self.model, 'rollouts', '?')}{source}): {metrics}", flush=True)
+
     def _check_last_checkpoint(self, subcommand: str) -> None:
         if self.config_init[subcommand].get("ckpt_path") == "last":
             check_last_checkpoint(self.trainer)
