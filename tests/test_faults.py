@@ -800,3 +800,28 @@ def test_validate_prints_its_metrics(single_thread, one_rollout_checkpoint, tmp_
               "--ckpt_path", str(one_rollout_checkpoint)])
     out = capsys.readouterr().out
     assert f"validation (rollout 1, checkpoint {one_rollout_checkpoint}): {{" in out and "'val/accuracy': " in out
+
+
+# ------------------------------------------------------------------------- a checkpoint and its base model
+def test_lora_checkpoint_is_refused_on_another_base_of_the_same_shape(run_cli, run_main, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run_cli(tmp_path / "first", *LORA, *_checkpoints(ckpt), max_steps=1)
+    before = (ckpt / "last.ckpt").read_bytes()
+    code, err = run_main(*LORA, "--model.policy.init_args.seed", "1", "--ckpt_path", str(ckpt / "last.ckpt"),
+                         max_steps=2)
+    _assert_one_line(code, err, ["incompatible configuration", "base: ['TinyLM(", "seed=0)'] in the checkpoint",
+                                 "seed=1)'] now"])
+    assert (ckpt / "last.ckpt").read_bytes() == before
+
+
+def test_pretrained_identity_follows_the_weights_not_the_path(tmp_path):
+    import shutil
+
+    from vrpo_pl.models import PretrainedLM, TinyLM
+
+    for seed in (0, 1):
+        TinyLM(seed=seed).causal_lm(torch.float32).save_pretrained(tmp_path / f"seed{seed}")
+    shutil.copytree(tmp_path / "seed0", tmp_path / "moved")
+    ids = {name: PretrainedLM(str(tmp_path / name)).identity() for name in ("seed0", "seed1", "moved")}
+    assert ids["seed0"] == ids["moved"] != ids["seed1"]
+    assert ids["seed0"].startswith("PretrainedLM(config and weights sha1 ")

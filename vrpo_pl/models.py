@@ -11,6 +11,7 @@ The critic's head (plain or VIB) lives in :mod:`vrpo_pl.critic`.
 from __future__ import annotations
 
 import copy
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,6 +86,11 @@ class LMSource(ABC):
         lm = self.causal_lm(dtype)
         return getattr(lm, lm.base_model_prefix)
 
+    def identity(self) -> str:
+        """What the weights are, for a checkpoint's fingerprint: a checkpoint's trainable tensors (LoRA adapters,
+        value head) and its rebuilt frozen ones (base, reference) must come from the same source."""
+        return type(self).__name__
+
 
 class PretrainedLM(LMSource):
     """A Hugging Face model directory on local disk (``AutoModelForCausalLM``/``AutoTokenizer``)."""
@@ -121,6 +127,20 @@ class PretrainedLM(LMSource):
 
         self._check()
         return AutoTokenizer.from_pretrained(self.path)
+
+    def identity(self) -> str:
+        """A cheap content hash, independent of where the directory lies: config.json, and the names, sizes and
+        first and last MiB of the weight files (the first MiB holds a safetensors header and the first tensors)."""
+        self._check()
+        digest = hashlib.sha1((self.path / "config.json").read_bytes())
+        for weights in sorted(p for p in self.path.iterdir() if p.suffix in (".safetensors", ".bin")):
+            size = weights.stat().st_size
+            digest.update(f"{weights.name}:{size}".encode())
+            with weights.open("rb") as file:
+                digest.update(file.read(1 << 20))
+                file.seek(max(size - (1 << 20), 0))
+                digest.update(file.read(1 << 20))
+        return f"{type(self).__name__}(config and weights sha1 {digest.hexdigest()[:12]})"
 
 
 class SmolLM2(PretrainedLM):
@@ -199,6 +219,11 @@ class TinyLM(LMSource):
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
             tie_word_embeddings=True,
         )
+
+    def identity(self) -> str:
+        """Its constructor arguments: the same ones build the same weights."""
+        return (f"TinyLM(hidden_size={self.hidden_size}, num_layers={self.num_layers}, num_heads={self.num_heads}, "
+                f"vocab_size={self.vocab_size}, seed={self.seed})")
 
     def causal_lm(self, dtype: torch.dtype) -> nn.Module:
         from transformers import LlamaForCausalLM

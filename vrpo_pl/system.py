@@ -606,5 +606,6 @@ class RLSystem(pl.LightningModule):
         self._nonfinite_in_row = state["nonfinite_in_row"]
 
     def _fingerprint(self) -> dict[str, Any]:
-        settings = {"algorithm": self.algorithm, "vib": self.critic_settings.vib, "aux": self.critic_settings.aux}
+        settings = {"algorithm": self.algorithm, "vib": self.critic_settings.vib, "aux": self.critic_settings.aux,
+                    "base": [s.identity() for s in (self.policy_source, self.critic_source) if s is not None]}
         return checkpoint.config_fingerprint(settings, ((n, p) for n, p in self.named_parameters() if p.requires_grad))
