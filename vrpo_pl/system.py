@@ -15,7 +15,7 @@ One ``training_step`` consumes one rollout batch and runs, in order:
 
 How VRPO departs from PPO (Zhu et al., arXiv 2508.03058): only the critic changes. Its head is a variational
 information bottleneck (z ~ N(mu, sigma^2), KL to N(0, I) weighted by beta) and an auxiliary loss ties z to a
-frozen LM's entropy and surprisal. Our choices where the paper is silent: d_z=64, beta=1e-3, lambda_aux=0.1,
+frozen LM's entropy and surprisal. Our choices where the paper is silent: d_z=64, beta=1e-4, lambda_aux=0.03,
 the ``predict``/``weight`` forms of the auxiliary loss, key tokens by a 0.8 quantile of entropy, and the head's
 scale (:class:`~vrpo_pl.models.ValueHead`).
 
