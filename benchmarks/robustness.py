@@ -200,25 +200,29 @@ def plan_runs(setting: Setting, args: argparse.Namespace, out: Path, extra: list
     """One :class:`Run` per (algorithm, noise) pair x seed, with its full command line."""
     val_every = max(d for d in range(1, min(setting.val_every, args.max_steps) + 1) if args.max_steps % d == 0)
     runs = []
-    for algorithm, noise in plan_pairs(setting, args):
-        for seed in args.seeds:
-            run_dir = out / "runs" / algorithm / noise / f"seed{seed}"
-            command = [
-                *vrpo_command(), "fit", "--config", str(REPO_ROOT / setting.config), *setting.overrides,
-                *ALGORITHMS[algorithm],
-                "--model.reward", json.dumps(noise_reward(noise, seed, args.rm_path, algorithm)),
-                "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
-                "--trainer.max_steps", str(args.max_steps), "--trainer.val_check_interval", str(val_every),
-                "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
-                "--trainer.logger.init_args.save_dir", str(out / "runs"),
-                "--trainer.logger.init_args.name", f"{algorithm}/{noise}",
-                "--trainer.logger.init_args.version", f"seed{seed}",
-                "--trainer.default_root_dir", str(run_dir),
-            ]
-            for flag in ("accelerator", "precision", "devices"):
-                if getattr(args, flag) is not None:
-                    command += [f"--trainer.{flag}", str(getattr(args, flag))]
-            runs.append(Run(algorithm, noise, seed, run_dir, command + extra))
+    # Noise by noise, seed by seed: an interrupted study has whole paired cells (every algorithm of a seed) for the
+    # noises it reached, rather than every noise for some algorithms only.
+    pairs = plan_pairs(setting, args)
+    order = [(a, n, seed) for n in dict.fromkeys(n for _, n in pairs) for seed in args.seeds
+             for a, n2 in pairs if n2 == n]
+    for algorithm, noise, seed in order:
+        run_dir = out / "runs" / algorithm / noise / f"seed{seed}"
+        command = [
+            *vrpo_command(), "fit", "--config", str(REPO_ROOT / setting.config), *setting.overrides,
+            *ALGORITHMS[algorithm],
+            "--model.reward", json.dumps(noise_reward(noise, seed, args.rm_path, algorithm)),
+            "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
+            "--trainer.max_steps", str(args.max_steps), "--trainer.val_check_interval", str(val_every),
+            "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+            "--trainer.logger.init_args.save_dir", str(out / "runs"),
+            "--trainer.logger.init_args.name", f"{algorithm}/{noise}",
+            "--trainer.logger.init_args.version", f"seed{seed}",
+            "--trainer.default_root_dir", str(run_dir),
+        ]
+        for flag in ("accelerator", "precision", "devices"):
+            if getattr(args, flag) is not None:
+                command += [f"--trainer.{flag}", str(getattr(args, flag))]
+        runs.append(Run(algorithm, noise, seed, run_dir, command + extra))
     return runs
 
 
