@@ -31,6 +31,12 @@ matches ``--precision``). ``x bound`` = seconds per rollout batch / that time: t
     python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --size large --out runs/bench/tp.md
     python benchmarks/throughput.py --tiny --iters 2 --no-isolate     # seconds
     python benchmarks/throughput.py --algorithms vrpo --iters 1 --profile   # + torch.profiler's top operators
+    .venv-vllm/bin/python benchmarks/throughput.py --algorithms vrpo --backends loop vllm   # A/B of the samplers
+
+``--backends`` measures each algorithm once per sampler (``--model.generation.backend``), side by side; the vLLM
+rows need the vLLM environment. Their lower bound generates with the same engine, called bare (``llm.generate``
+with ``min_tokens`` = ``max_tokens`` = the rollout's length); the engine's start-up and warm-up fall in the warm-up
+rollout batch, and each weight sync (also reported apart) in "other".
 
 Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over the training run; on the CPU the process's peak
 RSS, so by default each algorithm (and the policy-alone reference) runs in its own fresh process
@@ -66,7 +72,7 @@ LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "
 PHASES = ["generation", "frozen", "score", "update_policy", "update_critic"]
 
 
-def cli_args(algorithm: str, args: argparse.Namespace) -> list[str]:
+def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> list[str]:
     """LightningCLI arguments of one algorithm's measured run (no validation, logger or checkpoints)."""
     config = REPO_ROOT / "configs" / ("tiny.yaml" if args.tiny else "quickstart.yaml")
     lora = json.dumps(LORA)
@@ -83,18 +89,20 @@ def cli_args(algorithm: str, args: argparse.Namespace) -> list[str]:
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
            "--trainer.callbacks", '[{"class_path": "vrpo_pl.callbacks.FrozenLMTargets"}]',
            "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision, "--trainer.devices", "1",
-           "--model.dtype", args.dtype]
+           "--model.dtype", args.dtype, "--model.generation.backend", backend]
     if args.tiny:
         out += ["--data.source.init_args.path", str(REPO_ROOT / "configs" / "data" / "arithmetic.jsonl")]
+    if args.tiny and "vllm" in args.backends:  # vLLM's CPU attention needs head_dim 64, not TinyLM's default 16
+        out += ["--model.policy.init_args.hidden_size", "128", "--model.policy.init_args.num_heads", "2"]
     if args.model_path:
         out += ["--model.policy", "vrpo_pl.models.PretrainedLM", "--model.policy.init_args.path", args.model_path]
     return out
 
 
-def build_cli(algorithm: str, args: argparse.Namespace):
+def build_cli(algorithm: str, args: argparse.Namespace, backend: str = "loop"):
     from vrpo_pl.cli import build_cli as build
 
-    return build(cli_args(algorithm, args), save_config_callback=None)
+    return build(cli_args(algorithm, args, backend), save_config_callback=None)
 
 
 def _sync() -> None:
@@ -210,6 +218,19 @@ def step_flops(system, r) -> float:
     return flops
 
 
+def vllm_generate(llm, prompt_ids, prompt_mask, num: int, g) -> None:
+    """The lower bound's generation for the ``vllm`` rows: one ``llm.generate`` of exactly ``num`` new tokens per
+    prompt, as the sampler asks for them (token ids in, no detokenization)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=row[keep.bool()].tolist())
+               for row, keep in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)]
+    params = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=0, max_tokens=num, min_tokens=num,
+                            detokenize=False)
+    llm.generate(prompts, params, use_tqdm=False)
+
+
 def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     """The measured rollout batch ``cap`` replayed as bare model calls, back to back; seconds per phase."""
     import torch
@@ -245,10 +266,14 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     reuse = system.sampler_logprobs  # the old log-probs come from the sampler's logits: no policy pass below
     with torch.no_grad():
         with timed("generation"):
-            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=num,
-                                  min_new_tokens=num, eos_token_id=eos, pad_token_id=pad, do_sample=True,
-                                  temperature=g.temperature, top_p=g.top_p, top_k=0, use_cache=True,
-                                  output_logits=reuse, return_dict_in_generate=reuse)
+            if g.backend == "vllm":  # the same engine, called bare
+                vllm_generate(system.sampler.llm, prompt_ids, prompt_mask, num, g)
+                out = r.sequences
+            else:
+                out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=num,
+                                      min_new_tokens=num, eos_token_id=eos, pad_token_id=pad, do_sample=True,
+                                      temperature=g.temperature, top_p=g.top_p, top_k=0, use_cache=True,
+                                      output_logits=reuse, return_dict_in_generate=reuse)
             if reuse:
                 new = out.sequences[:, -num:]
                 [torch.log_softmax(x.float() / g.temperature, -1).gather(-1, new[:, t, None])
@@ -321,11 +346,12 @@ def profiled(args: argparse.Namespace):
         yield prof
 
 
-def measure(algorithm: str, args: argparse.Namespace) -> dict:
-    """Trains one algorithm for 1 + ``iters`` rollout batches, then replays them as the lower bound."""
+def measure(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> dict:
+    """Trains one algorithm for 1 + ``iters`` rollout batches with ``backend``'s sampler, then replays them as the
+    lower bound."""
     import torch
 
-    cli = build_cli(algorithm, args)
+    cli = build_cli(algorithm, args, backend)
     system, trainer = cli.model, cli.trainer
     timer = PhaseTimer()
     trainer.callbacks.append(timer.callback)
@@ -342,8 +368,11 @@ def measure(algorithm: str, args: argparse.Namespace) -> dict:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if args.isolated_child else rss.peak)
     bounds = [lower_bound(system, trainer, cap) for cap in timer.captures]  # [0] is the warm-up
     tokens = [float(cap["rollout"].mask.sum()) for cap in timer.captures[1:]]
-    record = {"algorithm": algorithm, "peak_bytes": peak, "samples": timer.captures[0]["rollout"].size,
-              "tokens": statistics.median(tokens), "framework": [], "bound": bounds[1:]}
+    record = {"algorithm": algorithm, "backend": backend, "peak_bytes": peak,
+              "samples": timer.captures[0]["rollout"].size, "tokens": statistics.median(tokens), "framework": [],
+              "bound": bounds[1:]}
+    if backend == "vllm":  # the first sync loads every weight into the fresh engine; the others follow updates
+        record["engine_s"], record["sync_s"] = system.sampler.engine_seconds, system.sampler.sync_seconds[1:]
     for it in timer.iterations:
         record["framework"].append({
             "iteration": it["iteration"], "generation": it["generation"],
@@ -440,8 +469,8 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
         bf16 = rec.get("dtype") == "bfloat16" or "bf16" in args.precision
         compute = rec["flops"] / peaks["bf16" if bf16 else "fp32"]
         cells += [f"{rec['flops'] / 1e12:.2f}", f"{compute:.3f}", f"**{it / compute:.1f}**"]
-        lines.append(f"| {rec['algorithm']} | " + " | ".join(cells) + " |")
-        bound_lines.append(f"| {rec['algorithm']} | " + " | ".join(f"{_median(lb, k):.3f}" for k in [*PHASES, "total"])
+        lines.append(f"| {_label(rec)} | " + " | ".join(cells) + " |")
+        bound_lines.append(f"| {_label(rec)} | " + " | ".join(f"{_median(lb, k):.3f}" for k in [*PHASES, "total"])
                            + " |")
     notes = ["", "Medians over the measured rollout batches (warm-up excluded). ratio = s / rollout batch divided by "
              "the lower bound (goal <= 1.15). tokens/s: response tokens per second of the whole iteration; gen "
@@ -451,7 +480,35 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                  "torch.cuda.max_memory_allocated." if args.accelerator in ("gpu", "cuda") else
                  "peak RSS of a fresh process per row." if args.isolate else
                  "peak RSS sampled during the run (one shared process)."), ""]
-    return "\n".join(lines + bound_lines + notes)
+    return "\n".join(lines + bound_lines + notes + backend_table(records))
+
+
+def _label(rec: dict) -> str:
+    return rec["algorithm"] if rec.get("backend", "loop") == "loop" else f"{rec['algorithm']} [{rec['backend']}]"
+
+
+def backend_table(records: list[dict]) -> list[str]:
+    """Generation of each algorithm with each sampler, side by side (only with more than one backend)."""
+    rows = [rec for rec in records if "framework" in rec]
+    backends = list(dict.fromkeys(rec["backend"] for rec in rows))
+    if len(backends) < 2:
+        return []
+    lines = ["Samplers side by side (medians over the measured rollout batches):", "",
+             "| algorithm | " + " | ".join(f"{b}: generation s | {b}: samples/s (generation) | {b}: s / rollout "
+                                         f"batch" for b in backends) + " | vllm: engine start s | vllm: sync s |",
+             "|---|" + "---:|" * (3 * len(backends) + 2)]
+    for algorithm in dict.fromkeys(rec["algorithm"] for rec in rows):
+        cells = []
+        for backend in backends:
+            rec = next((r for r in rows if r["algorithm"] == algorithm and r["backend"] == backend), None)
+            gen = _median(rec["framework"], "generation") if rec else float("nan")
+            cells += [f"{gen:.2f}", f"{rec['samples'] / gen:.1f}" if rec else "",
+                      f"{_median(rec['framework'], 'iteration'):.2f}" if rec else ""]
+        vllm = next((r for r in rows if r["algorithm"] == algorithm and r["backend"] == "vllm"), {})
+        sync = statistics.median(vllm["sync_s"]) if vllm.get("sync_s") else float("nan")
+        cells += [f"{vllm.get('engine_s', float('nan')):.1f}", f"{sync:.3f}"]
+        lines.append(f"| {algorithm} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot_report(report_path: Path, png_path: Path) -> None:
@@ -506,6 +563,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", choices=["base", "large"], default="base", help="workload size (see the docstring)")
     p.add_argument("--model-path", help="a local Hugging Face model directory instead of SmolLM2 (a second size)")
     p.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=ALGORITHMS)
+    p.add_argument("--backends", nargs="+", choices=["loop", "hf", "vllm"], default=["loop"],
+                   help="samplers to measure each algorithm with (--model.generation.backend), side by side")
     p.add_argument("--iters", type=int, default=3, help="measured rollout batches (after one warm-up)")
     p.add_argument("--prompts", type=int, help="prompts per rollout batch (default: the size's)")
     p.add_argument("--samples", type=int, help="samples per prompt (default: the size's)")
@@ -547,14 +606,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.isolated_child:
-        record = measure_policy_alone(args) if args.only == "policy" else measure(args.only, args)
+        algorithm, _, backend = args.only.partition(":")
+        record = measure_policy_alone(args) if args.only == "policy" else measure(algorithm, args, backend)
         args.child_out.write_text(json.dumps(record))
         return 0
-    names = [*args.algorithms, "policy"]
+    names = [*(f"{a}:{b}" for a in args.algorithms for b in args.backends), "policy"]
     if args.isolate:
         records = [run_isolated(name, argv) for name in names]
     else:
-        records = [measure_policy_alone(args) if n == "policy" else measure(n, args) for n in names]
+        records = [measure_policy_alone(args) if n == "policy" else measure(n.split(":")[0], args, n.split(":")[1])
+                   for n in names]
     model = "TinyLM" if args.tiny else args.model_path or "SmolLM2-135M-Instruct"
     device = torch.cuda.get_device_name() if args.accelerator in ("gpu", "cuda") else (
         f"CPU, {args.threads or torch.get_num_threads()} torch threads")

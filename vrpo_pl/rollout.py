@@ -49,10 +49,11 @@ class PromptSettings:
 class GenerationSettings:
     """Sampling settings of the rollout (validation always decodes greedily)."""
 
-    backend: Literal["loop", "hf"] = "loop"
+    backend: Literal["loop", "hf", "vllm"] = "loop"
     """The sampler (:mod:`vrpo_pl.sampling`): ``loop``, our decode loop, sampling straight from the last position's
-    logits; ``hf``, transformers' ``generate``. Same prompts, temperature, top-p and EOS handling (and the same tokens
-    for a seed)."""
+    logits; ``hf``, transformers' ``generate``; ``vllm``, a vLLM engine in the training process holding its own copy
+    of the weights, synced after every update (:mod:`vrpo_pl.sampling_vllm`; needs the vLLM environment, see the
+    README). Same prompts, temperature, top-p and EOS handling (``loop`` and ``hf``: the same tokens for a seed)."""
     max_new_tokens: int = 64
     """Longest response in tokens; a response cut here has no EOS and is marked truncated."""
     temperature: float = 1.0
@@ -64,7 +65,12 @@ class GenerationSettings:
     pass of the policy over every response (one pass fewer per rollout). In float32 the two agree to rounding
     (~1e-6); in bf16 the cached decode rounds differently from a full pass (~1e-2 on a log-prob), which shows as
     ratio noise in the first PPO step. None: on in float32, off in bf16 (weights or autocast), so the first
-    update's ratio is 1 within rounding either way."""
+    update's ratio is 1 within rounding either way. Always off with ``vllm``, whose kernels differ from the
+    update's."""
+    vllm_kv_cache_gib: float = 2.0
+    """``vllm`` only: memory for vLLM's KV cache, in GiB. On CPU it sets ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB,
+    rounded up); on a GPU ``kv_cache_memory_bytes``, so that vLLM takes this much beside its copy of the weights and
+    leaves the rest of the GPU to training (instead of claiming a fraction of the whole GPU)."""
 
     def __post_init__(self) -> None:
         g = self
@@ -72,9 +78,15 @@ class GenerationSettings:
             (g.max_new_tokens >= 1, f"max_new_tokens={g.max_new_tokens} must be >= 1"),
             (g.temperature > 0, f"temperature={g.temperature} must be > 0 (validation is greedy)"),
             (0 < g.top_p <= 1, f"top_p={g.top_p} must be in (0, 1]"),
+            (g.vllm_kv_cache_gib > 0, f"vllm_kv_cache_gib={g.vllm_kv_cache_gib} must be > 0"),
+            (g.backend != "vllm" or not g.sampler_logprobs, "sampler_logprobs=true cannot be used with backend "
+             "vllm: the PPO ratio's old log-probs come from the policy's own pass (vLLM's kernels round "
+             "differently)"),
         ]:
             if not ok:
                 raise ValueError(f"--model.generation.{message}")
+        if g.backend == "vllm":
+            g.sampler_logprobs = False
 
 
 def format_prompts(tokenizer, prompts: list[str], settings: PromptSettings) -> list[str]:

@@ -14,6 +14,8 @@ read the policy itself and need nothing). Chosen by ``--model.generation.backend
   (top-k off), every sequence padded after its first EOS, and the loop ends when all have ended or at
   ``max_new_tokens``. Given the same seed it draws the same tokens as ``generate`` (tested, float32).
 - ``hf``: ``transformers``' ``generate``, for models or cache types the loop does not handle.
+- ``vllm``: a vLLM engine in the training process with its own copy of the weights, synced in ``update``
+  (:mod:`vrpo_pl.sampling_vllm`, imported only when chosen).
 
 Shapes: B sequences, P prompt length (left-padded), A response length, V vocabulary.
 """
@@ -138,6 +140,10 @@ SAMPLERS: dict[str, type[Sampler]] = {"loop": LoopSampler, "hf": HFSampler}
 
 def make_sampler(backend: str) -> Sampler:
     """The sampler for ``--model.generation.backend``."""
+    if backend == "vllm":
+        from vrpo_pl.sampling_vllm import VLLMSampler
+
+        return VLLMSampler()
     if backend not in SAMPLERS:
-        raise ValueError(f"--model.generation.backend={backend!r}: use one of {', '.join(SAMPLERS)}")
+        raise ValueError(f"--model.generation.backend={backend!r}: use one of {', '.join([*SAMPLERS, 'vllm'])}")
     return SAMPLERS[backend]()
