@@ -4,7 +4,8 @@ For every response token the guide pi_g gives H_t = -sum_v pi_g(v|s_t) log pi_g(
 S_t = -log pi_g(y_t|s_t) (log-perplexity of the token). By default the guide is the reference model, whose
 logits the training step already computes for the KL penalty, so the targets cost no extra forward pass.
 Targets are standardized with running statistics (checkpointed), and "key" tokens are marked where the chosen
-signal is high (a per-batch quantile or a fixed threshold).
+signal is high (a per-batch quantile or a fixed threshold). With several processes both are taken over the global
+batch (every rank's tokens), so every rank standardizes and marks alike and the saved statistics are everyone's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from vrpo_pl import distributed
 from vrpo_pl.advantages import RunningMoments
 from vrpo_pl.losses import key_token_mask
 from vrpo_pl.models import LMSource, contiguous_lm_head
@@ -106,13 +108,26 @@ class FrozenLMTargets(pl.Callback):
             raw: (B, A, 2) from :meth:`raw_targets`.
             mask: (B, A) response mask.
         """
-        standardized = raw.clone()
+        standardized, valid, world = raw.clone(), mask.bool(), distributed.world_size()
         if self.standardize:
             for k, moments in enumerate(self.moments):
-                moments.update(raw[..., k][mask.bool()])
+                values = raw[..., k][valid].double()
+                if world == 1:
+                    moments.update(values)
+                else:  # the global batch's moments, so every rank standardizes alike (and saves the same state)
+                    sums = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=raw.device),
+                                        values.sum(), values.square().sum()])
+                    n, total, squares = distributed.all_reduce_sum(sums).tolist()
+                    if n > 0:
+                        moments.update_stats(n, total / n, max(squares / n - (total / n) ** 2, 0.0))
                 standardized[..., k] = (raw[..., k] - moments.mean) / max(moments.std, 1e-6)
         signal = raw[..., 0 if self.key_signal == "entropy" else 1]
-        key = key_token_mask(signal, mask, self.key_quantile, self.key_threshold)
+        threshold = self.key_threshold
+        if threshold is None and world > 1:  # the global batch's quantile: a key token means the same on every rank
+            values = distributed.all_gather_ragged(signal[valid].float())
+            if values.numel():
+                threshold = float(torch.quantile(values, self.key_quantile).to(signal.dtype))
+        key = key_token_mask(signal, mask, self.key_quantile, threshold)
         return GuideTargets(raw=raw, standardized=standardized * mask[..., None], key=key)
 
     def state_dict(self) -> dict[str, Any]:

@@ -825,3 +825,53 @@ def test_pretrained_identity_follows_the_weights_not_the_path(tmp_path):
     ids = {name: PretrainedLM(str(tmp_path / name)).identity() for name in ("seed0", "seed1", "moved")}
     assert ids["seed0"] == ids["moved"] != ids["seed1"]
     assert ids["seed0"].startswith("PretrainedLM(config and weights sha1 ")
+
+
+# ------------------------------------------------------------------------- guide statistics across ranks
+def _guide_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's (B, A, 2) raw targets and (B, A) mask: other lengths and scales on each rank."""
+    generator = torch.Generator().manual_seed(rank)
+    width = 5 + 3 * rank
+    raw = torch.rand(4, width, 2, generator=generator) * (1 + 2 * rank)
+    mask = (torch.arange(width) < torch.tensor([width, width - 1, 2, 3])[:, None]).float()
+    return raw, mask
+
+
+def _guide_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from vrpo_pl.callbacks import FrozenLMTargets
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        targets = FrozenLMTargets()
+        for _ in range(2):
+            out = targets.finalize(*_guide_batch(rank))
+        torch.save({"state": targets.state_dict(), "key": out.key, "standardized": out.standardized},
+                   f"{out_dir}/guide{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_guide_statistics_and_key_tokens_are_global_across_ranks(tmp_path):
+    """Two gloo processes standardize and mark key tokens as one process does on their concatenated batch."""
+    import torch.multiprocessing as mp
+
+    from vrpo_pl.callbacks import FrozenLMTargets
+
+    mp.spawn(_guide_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"guide{r}.pt", weights_only=True) for r in range(2)]
+    batches = [_guide_batch(r) for r in range(2)]
+    width = max(raw.shape[1] for raw, _ in batches)
+    raw = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[1])) for r, _ in batches])
+    mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for _, m in batches])
+    single = FrozenLMTargets()
+    for _ in range(2):
+        expected = single.finalize(raw, mask)
+    for r, result in enumerate(ranks):
+        for got, want in zip(result["state"]["moments"], single.state_dict()["moments"], strict=True):
+            assert got == pytest.approx(want, rel=1e-9), "every rank holds the global running moments"
+        rows, cols = slice(4 * r, 4 * r + 4), slice(0, batches[r][0].shape[1])
+        assert torch.equal(result["key"], expected.key[rows, cols]), "a key token is the same on every rank"
+        torch.testing.assert_close(result["standardized"], expected.standardized[rows, cols])
+    assert ranks[0]["state"] == ranks[1]["state"]

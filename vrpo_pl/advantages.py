@@ -234,10 +234,13 @@ class RunningMoments:
     def update(self, x: Tensor) -> None:
         """Folds the batch ``x`` (any shape) into the running statistics."""
         x = x.detach().double().flatten()
-        n = x.numel()
-        if n == 0:
+        if x.numel():
+            self.update_stats(x.numel(), x.mean().item(), x.var(unbiased=False).item())
+
+    def update_stats(self, n: float, batch_mean: float, batch_var: float) -> None:
+        """Folds a batch given by its size, mean and (population) variance in, e.g. one summed over ranks."""
+        if n <= 0:
             return
-        batch_mean, batch_var = x.mean().item(), x.var(unbiased=False).item()
         total = self.count + n
         delta = batch_mean - self.mean
         m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total

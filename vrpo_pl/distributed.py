@@ -236,6 +236,27 @@ def all_gather_flat(tensor: Tensor) -> Tensor:
     return torch.cat([p.flatten() for p in parts])
 
 
+def all_gather_ragged(values: Tensor) -> Tensor:
+    """Every rank's 1-D ``values`` (their lengths may differ), concatenated in rank order."""
+    if world_size() == 1:
+        return values
+    length = all_reduce_max(torch.tensor(float(values.numel()), device=values.device))
+    padded = torch.full((int(length),), float("nan"), dtype=torch.float64, device=values.device)
+    padded[: values.numel()] = values.double()
+    lengths = all_gather_flat(torch.tensor([float(values.numel())], device=values.device))
+    parts = all_gather_flat(padded).view(world_size(), -1)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, lengths.tolist(), strict=True)]).to(values.dtype)
+
+
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """The elementwise maximum of ``tensor`` over all ranks."""
+    if world_size() == 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def loss_normalizers(mask: Tensor, world: int) -> dict[str, float]:
     """Token and sequence counts of a mini-batch over all ranks, as the loss denominators.
 
