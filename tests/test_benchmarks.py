@@ -15,9 +15,9 @@ import pytest
 
 @pytest.fixture(scope="module")
 def benchmarks(repo_root):
-    """The two scripts under benchmarks/ loaded as modules (they are scripts, not a package)."""
+    """The scripts under benchmarks/ loaded as modules (they are scripts, not a package)."""
     modules = {}
-    for name in ("robustness", "throughput"):
+    for name in ("robustness", "throughput", "peer_trl"):
         spec = importlib.util.spec_from_file_location(f"benchmark_{name}", repo_root / "benchmarks" / f"{name}.py")
         modules[name] = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = modules[name]  # dataclasses look their module up there
@@ -104,3 +104,28 @@ def test_throughput_tiny_reports_every_algorithm(benchmarks, tmp_path, single_th
     (tmp_path / "empty.md").write_text("no table here\n")
     with pytest.raises(ValueError, match="no phase table"):
         benchmarks["throughput"].main(["--plot", str(tmp_path / "empty.md")])
+
+
+def test_peer_trl_reward_rule_and_report(benchmarks):
+    """The TRL side's reward is NumericVerifier's rule; the report pools rounds and takes ratios to ours."""
+    import argparse
+
+    peer = benchmarks["peer_trl"]
+    completions = [[{"role": "assistant", "content": "3 + 4 = 7."}], "It is 8", "none", "-2"]
+    assert peer.last_number_reward(completions, ["7", "7", "1", "-2"]) == [1.0, 0.0, 0.0, 1.0]
+
+    def record(config, intervals, peak):
+        return {"config": config, "interval": intervals, "in_step": [], "generation": [1.0] * len(intervals),
+                "tokens": [500.0] * len(intervals), "samples": 32, "peak_bytes": peak, "command": f"run {config}"}
+
+    results = {"ours": [record("ours", [2.0, 2.0, 4.0], 2**30), record("ours", [2.0], 2**29)],
+               "trl-fp32": [record("trl-fp32", [8.0, 8.0, 8.0], 2**31), record("trl-fp32", [8.0], 2**31)]}
+    summary = peer.summarize(results["ours"])
+    assert summary["interval"] == 2.0 and summary["samples_per_s"] == 16.0 and summary["peak_bytes"] == 2**30
+    args = argparse.Namespace(prompts=8, samples=4, new_tokens=32, iters=3, rounds=2, configs=["ours", "trl-fp32"])
+    context = {"trl": "1.16.0", "cpu": "test CPU", "ours_threads": 2, "trl_threads": 2, "date": "today",
+               "torch": "2.13.0", "transformers": "5.23.0"}
+    text = peer.report(results, args, context)
+    trl_row = next(line for line in text.splitlines() if line.startswith("| TRL fp32"))
+    assert "| 8.000 |" in trl_row and trl_row.rstrip(" |").endswith("4.00")  # ours is 4x its samples/s
+    assert "test CPU" in text and "run ours" in text
