@@ -130,6 +130,9 @@ class Setting:
     ablations: list[str] = field(default_factory=lambda: ["vrpo_vib_only", "vrpo_aux_only", "grpo_corrected"])
 
 
+# chain_sum with 2-3 terms of 1 digit: ~1,450 distinct questions, room for 256 held-out ones (2 terms: only 200).
+WIDE_TASK = json.dumps({"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1})
+
 _COMMON = ["--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
            "--trainer.enable_model_summary", "false",
            "--trainer.callbacks", json.dumps([{"class_path": "vrpo_pl.callbacks.FrozenLMTargets"},
@@ -152,22 +155,24 @@ SETTINGS = {
         "--data.prompts_per_rollout", "8", "--data.samples_per_prompt", "2", "--model.ppo.mini_batch_size", "8",
         "--data.val_size", "64", "--data.val_batch_size", "64"]),
     # The study with power on 2 CPU cores (fast path: bf16 base weights where the CPU has bf16 units): quickstart's
-    # task and sampling (temperature 0.7) with a 16-token budget, where the instruct model's greedy answers are not
-    # cut at the start; 8 prompts x 4 samples (GRPO groups and majority votes of 4), one PPO epoch in mini-batches of
-    # 16, 30 rollout batches, 256 held-out questions at rollouts 0, 10, 20 and 30; 3 paired seeds.
+    # task widened to 2-3 terms of 1 digit (2 terms have only 200 distinct questions, fewer than 256 held out; 2-3
+    # have ~1,450) and its sampling (temperature 0.7) with a 16-token budget, where the instruct model's greedy
+    # answers are not cut at the start; 8 prompts x 4 samples (GRPO groups and majority votes of 4), one PPO epoch
+    # in mini-batches of 16, 30 rollout batches, 256 held-out questions at rollouts 0, 10, 20 and 30; 3 paired seeds.
     "medium": Setting("configs/quickstart.yaml", 30, 10, ["ppo", "grpo", "vrpo"],
                       ["none", "flip0.3", "flip0.45", "asym", "vote", "random"], [0, 1, 2], _COMMON + [
         "--model.generation.temperature", "0.7", "--model.generation.max_new_tokens", "16",
         "--model.optim.policy_lr", "3e-4", "--model.optim.critic_lr", "1e-3", "--model.ppo.epochs", "1",
         "--data.prompts_per_rollout", "8", "--data.samples_per_prompt", "4", "--model.ppo.mini_batch_size", "16",
-        "--data.val_size", "256", "--data.val_batch_size", "128"], ablation_noise="flip0.3"),
+        "--data.val_size", "256", "--data.val_batch_size", "128", "--data.source.init_args.params", WIDE_TASK],
+        ablation_noise="flip0.3"),
     # For a GPU (pass --accelerator gpu --precision bf16-mixed): 16 prompts x 4 samples, 100 rollout batches, room
     # for the length bias to show (64 new tokens), 256 held-out questions, 3 seeds.
     "full": Setting("configs/quickstart.yaml", 100, 10, ["ppo", "grpo", "vrpo"], [n for n in NOISES if n != "rm"],
                     [0, 1, 2], ablation_noise="flip0.3", overrides=_COMMON + [
         "--data.prompts_per_rollout", "16", "--data.samples_per_prompt", "4", "--data.val_size", "256",
         "--data.val_batch_size", "128", "--model.ppo.epochs", "2", "--model.ppo.mini_batch_size", "16",
-        "--model.generation.max_new_tokens", "64"]),
+        "--model.generation.max_new_tokens", "64", "--data.source.init_args.params", WIDE_TASK]),
 }
 
 

@@ -65,6 +65,14 @@ def test_robustness_medium_plans_the_study(benchmarks, capsys, tmp_path):
              and value(c, "--trainer.logger.init_args.name").endswith("/flip0.45")]
     assert {json.loads(value(c, "--model.reward"))["init_args"]["seed"] for c in seed2} == {2}  # paired noise
     assert value(commands[0], "--data.val_size") == "256" and value(commands[0], "--trainer.max_steps") == "30"
+    # The task must hold 256 distinct held-out questions and still leave questions to train on (2 terms of 1 digit
+    # have only 200: the first version of this setting failed at start-up).
+    from vrpo_pl.data import ReasoningGymSource
+
+    source = ReasoningGymSource("chain_sum", json.loads(value(commands[0], "--data.source.init_args.params")))
+    held_out = source.validation_records(256)
+    assert len({r["prompt"] for r in held_out}) == 256
+    assert source.train_record(0, val_size=256, seed=0)["prompt"] not in {r["prompt"] for r in held_out}
 
 
 @pytest.mark.slow

@@ -92,7 +92,7 @@ def test_fit_help_shows_setting_docstrings(capsys, monkeypatch):
     assert "--model.ppo.mini_batch_size" in text
     assert "Sequences per optimizer step; must divide the rollout batch" in text  # PPOSettings.mini_batch_size
     assert "GAE lambda (0.95 TRL/MOSS/NeMo; 1.0 OpenRLHF/verl)." in text  # PPOSettings.lam
-    assert "VIB KL weight (our choice)." in text  # CriticSettings.beta
+    assert "VIB KL weight (our choice, measured" in text  # CriticSettings.beta
     assert "LoRA adapters on the policy" in text  # RLSystem's lora argument
     assert "--model.lora.help" in text
 
