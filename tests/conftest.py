@@ -127,3 +127,17 @@ def read_events() -> Callable[[Path], object]:
         return accumulator
 
     return read
+
+
+def trained_looking_system(run_cli, root: Path, *overrides: str):
+    """A built system whose trainable weights are moved off their initialization (LoRA's B starts at zero), so
+    exports and restores are checked on weights that differ from the base."""
+    cli = run_cli(root, *overrides, run=False)
+    system = cli.model
+    system.configure_model()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in system.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return system.eval()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, data_path_args
+from conftest import TINY_CONFIG, data_path_args, trained_looking_system
 
 from vrpo_pl.export import HEAD_CONFIG, HEAD_WEIGHTS, export_critic, export_policy, load_critic
 
@@ -39,23 +39,10 @@ def _values(critic):
     return out.values, out.aux
 
 
-def _system(run_cli, root: Path, *overrides: str):
-    """A built system whose trainable weights are moved off their initialization (LoRA's B starts at zero)."""
-    cli = run_cli(root, *overrides, run=False)
-    system = cli.model
-    system.configure_model()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in system.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return system.eval()
-
-
 @pytest.fixture(scope="module")
 def systems(run_cli, tmp_path_factory):
-    return {"lora": _system(run_cli, tmp_path_factory.mktemp("lora"), *LORA),
-            "full": _system(run_cli, tmp_path_factory.mktemp("full"))}
+    return {"lora": trained_looking_system(run_cli, tmp_path_factory.mktemp("lora"), *LORA),
+            "full": trained_looking_system(run_cli, tmp_path_factory.mktemp("full"))}
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
@@ -98,7 +85,7 @@ def test_exported_critic_reloads_with_the_same_values(systems, tmp_path, kind):
 
 
 def test_grpo_has_no_critic_to_export(run_cli, tmp_path):
-    system = _system(run_cli, tmp_path, "--model.algorithm", "grpo")
+    system = trained_looking_system(run_cli, tmp_path, "--model.algorithm", "grpo")
     with pytest.raises(ValueError, match="grpo has no critic"):
         export_critic(system, tmp_path / "critic")
 

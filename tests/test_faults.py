@@ -482,15 +482,9 @@ LORA = ["--model.lora", "{r: 4, alpha: 8}", "--model.critic_lora", "{r: 4, alpha
 @pytest.fixture(scope="module")
 def lora_system(run_cli, tmp_path_factory):
     """A LoRA system whose adapters are moved off their initialization (B starts at zero)."""
-    cli = run_cli(tmp_path_factory.mktemp("lora_system"), *LORA, run=False)
-    system = cli.model
-    system.configure_model()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in system.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return system.eval()
+    from conftest import trained_looking_system
+
+    return trained_looking_system(run_cli, tmp_path_factory.mktemp("lora_system"), *LORA)
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -218,13 +218,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """The sum of ``tensor`` over all ranks (a new tensor; ``tensor`` itself when there is one process)."""
+def _all_reduce(tensor: Tensor, op) -> Tensor:
+    """``tensor`` reduced by ``op`` over all ranks (a new tensor; ``tensor`` itself when there is one process)."""
     if world_size() == 1:
         return tensor
     tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over all ranks (a new tensor; ``tensor`` itself when there is one process)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_gather_flat(tensor: Tensor) -> Tensor:
@@ -250,11 +255,7 @@ def all_gather_ragged(values: Tensor) -> Tensor:
 
 def all_reduce_max(tensor: Tensor) -> Tensor:
     """The elementwise maximum of ``tensor`` over all ranks."""
-    if world_size() == 1:
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def loss_normalizers(mask: Tensor, world: int) -> dict[str, float]:
