@@ -7,14 +7,19 @@ read back (:mod:`vrpo_pl.study`) into ``OUT/results.md`` and ``OUT/robustness.pn
 with 95% bootstrap intervals over seeds and questions, the paired differences VRPO - PPO and VRPO - GRPO, and
 curves of gold accuracy, response length, KL and the critic's explained variance.
 
-    python benchmarks/robustness.py --medium --out runs/bench/robustness_medium                # 2 CPU cores
+    python benchmarks/robustness.py --medium --out runs/bench/robustness_medium \
+        --ledger benchmarks/results/robustness_medium                                          # 2 CPU cores
     python benchmarks/robustness.py --small --out runs/bench/robustness_small                  # < 1 h
     python benchmarks/robustness.py --out runs/bench/robustness --accelerator gpu --jobs 4     # the full grid
     python benchmarks/robustness.py --tiny --out /tmp/robustness_tiny                          # TinyLM, seconds
     python benchmarks/robustness.py --medium --noises none vote --dry-run                      # print the commands
 
 Resume-safe: a run whose events already hold the final validation (``val/accuracy`` at the last rollout) is skipped;
-an unfinished one is moved aside to ``seed<k>.incomplete<n>`` (its log is kept) and started again. Arguments after
+an unfinished one is moved aside to ``seed<k>.incomplete<n>`` (its log is kept) and started again. With ``--ledger
+DIR`` every finished run is also kept as one small JSON record ``DIR/<algorithm>/<noise>/seed<k>.json`` (scalars,
+per-question outcomes, the CPU, dtype, seconds and commit it ran with; :func:`vrpo_pl.study.save_result`): a run
+with a record is complete even where its directory is gone, so a study committed record by record resumes on
+another machine or a fresh clone, and its report is rebuilt from the records alone. Arguments after
 ``--`` are appended to every run's command line (e.g. ``-- --model.kl.coef 0.05``).
 
 Paired design: for a seed, every algorithm sees the same prompts (``--data.seed``) and the same noise draws (the
@@ -183,6 +188,8 @@ class Run:
     seed: int
     dir: Path
     command: list[str]
+    record: Path | None = None
+    """Its ledger record (``--ledger``), or None."""
 
 
 def vrpo_command() -> list[str]:
@@ -227,7 +234,8 @@ def plan_runs(setting: Setting, args: argparse.Namespace, out: Path, extra: list
         for flag in ("accelerator", "precision", "devices"):
             if getattr(args, flag) is not None:
                 command += [f"--trainer.{flag}", str(getattr(args, flag))]
-        runs.append(Run(algorithm, noise, seed, run_dir, command + extra))
+        record = None if args.ledger is None else args.ledger / algorithm / noise / f"seed{seed}.json"
+        runs.append(Run(algorithm, noise, seed, run_dir, command + extra, record))
     return runs
 
 
@@ -240,14 +248,56 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return read(run_dir)
 
 
-def is_complete(run_dir: Path, max_steps: int) -> bool:
-    """Whether the run logged its final validation (``val/accuracy`` at step ``max_steps``)."""
-    return any(step == max_steps for step, _ in read_scalars(run_dir).get("val/accuracy", []))
+def _finished(scalars: dict[str, list[tuple[int, float]]], max_steps: int) -> bool:
+    return any(step == max_steps for step, _ in scalars.get("val/accuracy", []))
+
+
+def has_record(run: Run, max_steps: int) -> bool:
+    """Whether ``run``'s ledger record exists and holds the final validation."""
+    if run.record is None or not run.record.exists():
+        return False
+    from vrpo_pl.study import load_result
+
+    return _finished(load_result(run.record).scalars, max_steps)
+
+
+def is_complete(run: Run, max_steps: int) -> bool:
+    """Whether the run logged its final validation (``val/accuracy`` at step ``max_steps``), in its directory's
+    events or in its ledger record."""
+    return has_record(run, max_steps) or _finished(read_scalars(run.dir), max_steps)
+
+
+def machine() -> dict:
+    """Where a run ran: the CPU's model name, whether it has bf16 matrix units, torch and the commit."""
+    from vrpo_pl.models import cpu_has_bf16
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    import torch
+
+    return {"cpu": cpu, "cpu_bf16": cpu_has_bf16(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "commit": commit.stdout.strip() or "unknown", "date": time.strftime("%Y-%m-%d")}
+
+
+def write_record(run: Run, seconds: float | None) -> None:
+    """Saves the finished ``run``'s record to the ledger (no-op without ``--ledger``)."""
+    if run.record is None:
+        return
+    from vrpo_pl.study import read_run, save_result
+
+    dtype = next((run.command[i + 1] for i, a in enumerate(run.command[:-1]) if a == "--model.dtype"), "auto")
+    save_result(read_run(run.dir, run.algorithm, run.noise, run.seed), run.record,
+                {**machine(), "dtype": dtype, "seconds": None if seconds is None else round(seconds),
+                 "command": shlex.join(run.command)})
 
 
 def execute(run: Run, max_steps: int, threads: int | None) -> tuple[Run, str]:
     """Runs one training subprocess unless already complete; returns (run, 'done'|'skipped'|'failed ...')."""
-    if is_complete(run.dir, max_steps):
+    if has_record(run, max_steps):
+        return run, "skipped (recorded)"
+    if _finished(read_scalars(run.dir), max_steps):
+        write_record(run, None)
         return run, "skipped (complete)"
     if run.dir.exists():  # an interrupted run: keep its log beside, start again in a clean directory
         n = 1
@@ -264,23 +314,29 @@ def execute(run: Run, max_steps: int, threads: int | None) -> tuple[Run, str]:
         log.flush()
         code = subprocess.call(run.command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
-    if code != 0 or not is_complete(run.dir, max_steps):
+    if code != 0 or not _finished(read_scalars(run.dir), max_steps):
         return run, f"failed (exit {code}, {seconds:.0f} s; see {run.dir / 'console.log'})"
+    write_record(run, seconds)
     return run, f"done in {seconds:.0f} s"
 
 
 # ------------------------------------------------------------------------------------------------ results
 def collect(runs: list[Run], max_steps: int) -> dict[tuple[str, str], list]:
-    """The complete runs read back (:class:`vrpo_pl.study.RunResult`), grouped by (algorithm, noise)."""
-    from vrpo_pl.study import read_run
+    """The complete runs read back (:class:`vrpo_pl.study.RunResult`), grouped by (algorithm, noise): from the
+    ledger record where there is one, else from the run directory."""
+    from vrpo_pl.study import load_result, read_run
 
     results: dict[tuple[str, str], list] = {}
     for run in runs:
         results.setdefault((run.algorithm, run.noise), [])
-        if is_complete(run.dir, max_steps):
+        if has_record(run, max_steps):
+            result = load_result(run.record)
+        elif _finished(read_scalars(run.dir), max_steps):
             result = read_run(run.dir, run.algorithm, run.noise, run.seed)
-            if result.outcomes:
-                results[(run.algorithm, run.noise)].append(result)
+        else:
+            continue
+        if result.outcomes:
+            results[(run.algorithm, run.noise)].append(result)
     return results
 
 
@@ -421,6 +477,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seeds", nargs="+", type=int, help="default: the setting's")
     p.add_argument("--max-steps", type=int, help="rollout batches per run (default: the setting's)")
     p.add_argument("--rm-path", help="reward-model directory for the 'rm' noise")
+    p.add_argument("--ledger", type=Path, help="keep each finished run as DIR/<algorithm>/<noise>/seed<k>.json and "
+                   "count a recorded run as complete (commit DIR to resume a study elsewhere)")
     p.add_argument("--accelerator", help="--trainer.accelerator for every run (e.g. gpu)")
     p.add_argument("--precision", help="--trainer.precision for every run (e.g. bf16-mixed)")
     p.add_argument("--devices", help="--trainer.devices for every run")
@@ -445,11 +503,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     setting, out = SETTINGS[args.setting], args.out.resolve()
+    args.ledger = args.ledger.resolve() if args.ledger is not None else None
     runs = plan_runs(setting, args, out, extra)
     print(f"{len(runs)} runs ({args.setting}: {setting.config}, {args.max_steps} rollout batches each) -> {out}")
     if args.dry_run:
         for run in runs:
-            state = "complete" if is_complete(run.dir, args.max_steps) else "to run"
+            state = "complete" if is_complete(run, args.max_steps) else "to run"
             print(f"# {run.algorithm} / {run.noise} / seed {run.seed}: {state}\n{shlex.join(run.command)}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -471,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.max_steps} rollout batches per run, seeds {args.seeds}. Runs: `{out / 'runs'}`.\n\n"
               f"Command: `python benchmarks/robustness.py {shlex.join(argv if argv is not None else sys.argv[1:])}`")
     text = results_markdown(results, args.noises, header)
-    missing = [f"{r.algorithm}/{r.noise}/seed{r.seed}" for r in runs if not is_complete(r.dir, args.max_steps)]
+    missing = [f"{r.algorithm}/{r.noise}/seed{r.seed}" for r in runs if not is_complete(r, args.max_steps)]
     if missing:
         text += "\nMissing (failed or not run): " + ", ".join(missing) + "\n"
     (out / "results.md").write_text(text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shlex
+import shutil
 import sys
 
 import pytest
@@ -92,6 +93,31 @@ def test_robustness_tiny_writes_table_and_plot(benchmarks, tmp_path, capsys):
     # Resume-safe: the complete run is skipped, the report is rebuilt.
     assert benchmarks["robustness"].main(argv) == 0
     assert "skipped (complete)" in capsys.readouterr().out
+    # A ledger records the finished run; with the run directories gone (a fresh clone) it stands in for them.
+    ledger = tmp_path / "ledger"
+    assert benchmarks["robustness"].main(argv + ["--ledger", str(ledger)]) == 0
+    record = json.loads((ledger / "ppo" / "flip0.2" / "seed0.json").read_text())
+    assert record["meta"]["cpu"] and record["meta"]["commit"] and "--model.algorithm ppo" in record["meta"]["command"]
+    assert sorted(record["outcomes"]) == ["0", "1"] and len(record["outcomes"]["1"]) == 4
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "results.md").rename(tmp_path / "results_from_runs.md")
+    capsys.readouterr()
+    assert benchmarks["robustness"].main(argv + ["--ledger", str(ledger), "--report-only"]) == 0
+    def tables(path):  # the report without its command line, which differs
+        return [line for line in path.read_text().splitlines() if not line.startswith("Command:")]
+
+    assert tables(tmp_path / "results.md") == tables(tmp_path / "results_from_runs.md")
+    assert benchmarks["robustness"].main(argv + ["--ledger", str(ledger)]) == 0
+    assert "skipped (recorded)" in capsys.readouterr().out and not (tmp_path / "runs" / "ppo" / "flip0.2").exists()
+
+
+def test_study_record_rejects_a_file_that_is_not_one(tmp_path):
+    from vrpo_pl.study import load_result
+
+    path = tmp_path / "seed0.json"
+    path.write_text('{"algorithm": "ppo"}')
+    with pytest.raises(ValueError, match="seed0.json: not a study record.*delete it"):
+        load_result(path)
 
 
 @pytest.mark.slow

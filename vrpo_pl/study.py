@@ -9,6 +9,10 @@ them into:
 - paired differences (e.g. VRPO - PPO) per noise, per seed and question, with their intervals;
 - training curves averaged over seeds (gold accuracy, response length, KL, explained variance) and the mean
   |advantage| on key tokens against the other tokens.
+
+A finished run can also be kept as one small JSON record (:func:`save_result`, :func:`load_result`): its scalars
+and outcomes, plus where it ran. A study's records, committed, carry it across machines and fresh clones, where the
+run directories (event files, checkpoints) are gone.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class RunResult:
     seed: int
     scalars: dict[str, list[tuple[int, float]]]
     outcomes: dict[int, dict[str, float]] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    """Where and how it ran (CPU, dtype, seconds, commit), as recorded by :func:`save_result`."""
 
 
 def read_outcomes(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -51,6 +57,32 @@ def read_outcomes(run_dir: Path) -> dict[int, dict[str, float]]:
 
 def read_run(run_dir: Path, algorithm: str, noise: str, seed: int) -> RunResult:
     return RunResult(algorithm, noise, seed, read_scalars(run_dir), read_outcomes(run_dir))
+
+
+def save_result(result: RunResult, path: Path, meta: dict) -> None:
+    """Writes ``result`` and ``meta`` to ``path`` as JSON (values to 6 significant digits), atomically."""
+    record = {
+        "algorithm": result.algorithm, "noise": result.noise, "seed": result.seed, "meta": meta,
+        "scalars": {tag: [[step, float(f"{value:.6g}")] for step, value in points]
+                    for tag, points in sorted(result.scalars.items())},
+        "outcomes": {str(rollout): outcome for rollout, outcome in sorted(result.outcomes.items())},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    tmp.replace(path)
+
+
+def load_result(path: Path) -> RunResult:
+    """A :class:`RunResult` from a :func:`save_result` record; a clear error naming ``path`` if it is not one."""
+    try:
+        record = json.loads(path.read_text())
+        return RunResult(record["algorithm"], record["noise"], int(record["seed"]),
+                         {tag: [(int(s), float(v)) for s, v in points] for tag, points in record["scalars"].items()},
+                         {int(k): {q: float(g) for q, g in o.items()} for k, o in record["outcomes"].items()},
+                         record.get("meta", {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a study record ({type(e).__name__}: {e}); delete it to run that run again") from e
 
 
 def _chosen(runs: list[RunResult], rollout: int | str) -> list[dict[str, float]]:
