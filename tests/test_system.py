@@ -145,8 +145,11 @@ def micro_runs(request, run_cli, read_events, tmp_path_factory):
         # A reward that differs within every group (the response's length in characters), so that GRPO's gradient
         # is signal: with equal rewards its advantages are 0, the gradient is rounding noise (~1e-9), and Adam's
         # first step turns noise of either sign into a step of ~lr, which no accumulation scheme can reproduce.
+        # Plain passes: the rollout's passes are chunked by the micro-batch size, and shared-prompt chunks of 1 and
+        # of 4 rows round differently (~1e-6), which the tiny model's guide standardization amplifies into other
+        # key tokens (its entropies lie within ~1e-3 of log V). test_prefix.py checks accumulation with sharing on.
         cli = run_cli(root, "--model.algorithm", request.param, "--model.ppo.mini_batch_size", "4", *split,
-                      "--model.reward", _LENGTH_REWARD, max_steps=1)
+                      "--model.reward", _LENGTH_REWARD, "--model.ppo.share_prompt_prefix", "false", max_steps=1)
         assert cli.trainer.global_step == 1
         events = read_events(root)
         scalars = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from vrpo_pl.losses import reparameterize
+from vrpo_pl.prefix import shared_prefix_hidden, shared_prompts_for
 
 
 @dataclass
@@ -192,6 +193,7 @@ class ValueModel(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, num_response: int,
         sample: bool = False, generator: torch.Generator | None = None, noise: Tensor | None = None,
+        prompt_width: int | None = None,
     ) -> ValueOutput:
         """
         Args:
@@ -202,8 +204,14 @@ class ValueModel(nn.Module):
             sample: see :meth:`ValueHead.forward`.
             generator: see :meth:`ValueHead.forward`.
             noise: see :meth:`ValueHead.forward`.
+            prompt_width: P, the prompt columns (T = P + A): given, rows that repeat a prompt compute it once
+                (:mod:`vrpo_pl.prefix`); None, or no prompt repeated: one plain pass of the body.
         """
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        # V(s_t) for s_t = (x, y_<t) is read at the last token of s_t: positions T-A-1 .. T-2.
-        hidden = out.last_hidden_state[:, -num_response - 1 : -1]
+        shared = shared_prompts_for(self.backbone, input_ids, attention_mask, num_response, prompt_width)
+        if shared is not None:
+            hidden = shared_prefix_hidden(self.backbone, input_ids, attention_mask, position_ids, shared)
+        else:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            # V(s_t) for s_t = (x, y_<t) is read at the last token of s_t: positions T-A-1 .. T-2.
+            hidden = out.last_hidden_state[:, -num_response - 1 : -1]
         return self.head(hidden, sample=sample, generator=generator, noise=noise)

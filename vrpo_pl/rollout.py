@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from vrpo_pl.logprobs import logprobs_from_logits, token_logprobs_and_entropy
 from vrpo_pl.models import training_attention
+from vrpo_pl.prefix import shared_prefix_logits, shared_prompts_for
 from vrpo_pl.rewards.base import Completion
 from vrpo_pl.sampling import Sampler
 
@@ -166,13 +167,24 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 
 def response_logits(
-    model: nn.Module, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, num_response: int
+    model: nn.Module, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, num_response: int,
+    prompt_width: int | None = None,
 ) -> Tensor:
     """Next-token logits at the A response positions, computing the LM head only there.
+
+    Args:
+        model: a causal LM.
+        sequences: (B, T) prompt + response tokens; attention_mask, position_ids: (B, T).
+        num_response: A, the response positions at the end of the rows.
+        prompt_width: P, the prompt columns (T = P + A): given, rows that repeat a prompt compute it once
+            (:mod:`vrpo_pl.prefix`, ``--model.ppo.share_prompt_prefix``); None, or no prompt repeated: one plain pass.
 
     Returns:
         (B, A, V) logits; row t predicts response token t.
     """
+    shared = shared_prompts_for(model, sequences, attention_mask, num_response, prompt_width)
+    if shared is not None:
+        return shared_prefix_logits(model, sequences, attention_mask, position_ids, shared)
     out = model(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
         logits_to_keep=num_response + 1, use_cache=False,
@@ -233,6 +245,7 @@ class MicroBatch:
     attention_mask: Tensor  # (b, T')
     position_ids: Tensor  # (b, T')
     width: int  # A', response positions kept (the rows' longest response)
+    prompt_width: int  # P', prompt columns kept (T' = P' + A')
 
     def take(self, x: Tensor) -> Tensor:
         """A per-token (B, A, ...) rollout field (log-probs, advantages, ...) for these rows: (b, A', ...)."""
@@ -250,12 +263,20 @@ def micro_batch(r: Rollout, rows: Tensor) -> MicroBatch:
     first, end = int(used[0]), int(used[-1]) + 1
     width = end - r.prompt_width
     return MicroBatch(rows, r.sequences[rows, first:end], attention[:, first:end], r.position_ids[rows, first:end],
-                      width)
+                      width, prompt_width=r.prompt_width - first)
 
 
-def split_micro_batches(r: Rollout, idx: Tensor, micro: int, budget: int | None) -> list[Tensor]:
+def split_micro_batches(r: Rollout, idx: Tensor, micro: int, budget: int | None,
+                        by_prompt: bool = False) -> list[Tensor]:
     """A mini-batch's rows ``idx`` split into micro-batches: ``micro`` rows each, or, with a token ``budget``
-    (``--model.ppo.max_tokens_per_micro_batch``), grouped by length within that many padded tokens."""
+    (``--model.ppo.max_tokens_per_micro_batch``), grouped by length within that many padded tokens.
+
+    With ``by_prompt`` (and the rollout's ``group`` ids) the rows are first ordered by prompt, keeping their order
+    within a prompt, so that a micro-batch holds whole groups and its passes share their prompts
+    (:mod:`vrpo_pl.prefix`). The mini-batch, and so the update, is the same: only how it is accumulated changes.
+    """
+    if by_prompt and r.group is not None:
+        idx = idx[torch.sort(r.group[idx], stable=True).indices]
     if budget is None:
         return [idx[s : s + micro] for s in range(0, len(idx), micro)]
     lengths = r.attention_mask[idx].sum(1).tolist()
@@ -326,31 +347,33 @@ def reference_guide(sequences: Tensor, attention_mask: Tensor, position_ids: Ten
 @torch.no_grad()
 def score_rollout(
     r: Rollout, policy: nn.Module, reference: nn.Module | None, critic: nn.Module | None, *, temperature: float,
-    chunk: int, guide: GuideFn | None = None,
+    chunk: int, guide: GuideFn | None = None, share_prefix: bool = True,
 ) -> None:
     """The rollout's no-gradient passes, each once per slice of ``chunk`` sequences; fills ``r`` in place.
 
     ``r.logp`` from the policy unless the sampler already gave it, ``r.ref_logp`` from the reference (whose logits
     also feed ``guide``, so a guide that is the reference costs no pass), ``r.guide_raw`` with ``guide``, and
-    ``r.values`` with a critic.
+    ``r.values`` with a critic. With ``share_prefix`` (``--model.ppo.share_prompt_prefix``) the policy, reference and
+    critic passes compute each distinct prompt of a slice once (:mod:`vrpo_pl.prefix`).
     """
     num, parts = r.responses.shape[1], defaultdict(list)
+    width = r.prompt_width if share_prefix else None
     for s in range(0, r.size, chunk):
         sl = slice(s, s + chunk)
         args = (r.sequences[sl], r.attention_mask[sl], r.position_ids[sl])
         if r.logp is None:
             # The old log-probs in the update's own numerics (its attention kernel), so the first ratio is 1.
             with training_attention(policy):
-                logits = response_logits(policy, *args, num)
+                logits = response_logits(policy, *args, num, prompt_width=width)
             parts["logp"].append(response_logprobs(logits, r.responses[sl], temperature))
         with reference_model(policy, reference) as ref:
-            ref_logits = response_logits(ref, *args, num)
+            ref_logits = response_logits(ref, *args, num, prompt_width=width)
         parts["ref_logp"].append(response_logprobs(ref_logits, r.responses[sl], temperature))
         if guide is not None:
             parts["guide_raw"].append(guide(*args, r.responses[sl], ref_logits))
         del ref_logits
         if critic is not None:
-            parts["values"].append(critic(*args, num).values)
+            parts["values"].append(critic(*args, num, prompt_width=width).values)
     for name, values in parts.items():
         setattr(r, name, torch.cat(values))
 

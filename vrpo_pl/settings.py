@@ -37,6 +37,13 @@ class PPOSettings:
     """Group each mini-batch's sequences by length into micro-batches of at most this many padded tokens (rows x
     longest sequence; verl's and OpenRLHF's ``max_tokens_per_micro_batch``); overrides micro_batch_size. None: fixed
     micro_batch_size. Either way each micro-batch is trimmed to its own longest sequence."""
+    share_prompt_prefix: bool = True
+    """Compute each distinct prompt once per pass: the G rows of a prompt share one forward pass over it, whose KV
+    cache (differentiable) serves their responses (:mod:`vrpo_pl.prefix`; our choice). Applies to the rollout's
+    policy, reference and critic passes and to the update's policy and critic losses, within each slice or
+    micro-batch; micro-batches are then formed prompt by prompt within their mini-batch (the same update, fewer
+    prompt tokens). Equal to the plain passes up to float rounding; a micro-batch without a repeated prompt, or a
+    model that is no causal decoder, takes the plain pass. False: every row computes its own prompt."""
     clip_eps: float = 0.2
     """Policy ratio clip range epsilon (Schulman et al. 2017)."""
     value_clip: float | None = 0.2

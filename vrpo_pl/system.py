@@ -57,6 +57,7 @@ from vrpo_pl.rewards.base import (
 )
 from vrpo_pl.rollout import (
     GenerationSettings,
+    MicroBatch,
     PromptSettings,
     Rollout,
     decode_completions,
@@ -329,7 +330,8 @@ class RLSystem(pl.LightningModule):
         rollout.group = torch.as_tensor(batch["group"], device=self.device)
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else None
         score_rollout(rollout, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
-                      chunk=self.ppo.micro_batch_size or self.ppo.mini_batch_size, guide=guide)
+                      chunk=self.ppo.micro_batch_size or self.ppo.mini_batch_size, guide=guide,
+                      share_prefix=self.ppo.share_prompt_prefix)
         if rollout.guide_raw is not None:
             targets = self.guide_callback.finalize(rollout.guide_raw, rollout.mask)
             rollout.guide_targets, rollout.key = targets.standardized, targets.key
@@ -383,7 +385,8 @@ class RLSystem(pl.LightningModule):
                 for start in range(0, r.size, mini):
                     idx = order[start : start + mini]
                     norm = distributed.loss_normalizers(r.mask[idx], self.trainer.world_size)
-                    micro_batches = split_micro_batches(r, idx, micro, self.ppo.max_tokens_per_micro_batch)
+                    micro_batches = split_micro_batches(r, idx, micro, self.ppo.max_tokens_per_micro_batch,
+                                                        by_prompt=self.ppo.share_prompt_prefix)
                     if train_policy:
                         self._optimizer_step("policy", optimizers[0], self.policy, micro_batches, r, norm, metrics)
                     if self.critic is not None:
@@ -446,7 +449,8 @@ class RLSystem(pl.LightningModule):
 
     def _policy_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
         b = micro_batch(r, rows)
-        logits = response_logits(self.policy, b.sequences, b.attention_mask, b.position_ids, b.width)
+        logits = response_logits(self.policy, b.sequences, b.attention_mask, b.position_ids, b.width,
+                                 prompt_width=self._shared_prompt_width(b))
         logp, entropy = logprobs_and_entropy(logits, b.take(r.responses), self.generation.temperature,
                                                entropy_grad=self.ppo.entropy_coef > 0)
         loss, stats = L.policy_objective(
@@ -458,7 +462,8 @@ class RLSystem(pl.LightningModule):
     def _critic_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
         c, b = self.critic_settings, micro_batch(r, rows)
         out = self.critic(b.sequences, b.attention_mask, b.position_ids, b.width, sample=bool(c.vib),
-                          noise=None if self._vib_noise is None else b.take(self._vib_noise))
+                          noise=None if self._vib_noise is None else b.take(self._vib_noise),
+                          prompt_width=self._shared_prompt_width(b))
         unit = self.critic.head.normalize  # the regression's units (standardized returns with normalize_values)
         loss, stats, correlations = L.critic_objective(
             unit(out.values), unit(b.take(r.values)), unit(b.take(r.returns)), b.take(r.mask),
@@ -467,6 +472,10 @@ class RLSystem(pl.LightningModule):
             aux_coef=c.aux_coef, key=None if r.key is None else b.take(r.key), key_alpha=c.key_alpha,
             aux_key_only=c.aux_key_only, aggregation=self.ppo.loss_aggregation, **norm)
         return b, loss, stats, correlations
+
+    def _shared_prompt_width(self, b: MicroBatch) -> int | None:
+        """The micro-batch's prompt width when its passes share prompts (``--model.ppo.share_prompt_prefix``)."""
+        return b.prompt_width if self.ppo.share_prompt_prefix else None
 
     def _vib_generator(self) -> torch.Generator:
         """The VIB's sampling generator, created on the training device at first use (seed + 1)."""
@@ -511,7 +520,7 @@ class RLSystem(pl.LightningModule):
         r, gold, _ = self._greedy(batch, "the key-token view's validation prompts")
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else reference_guide
         score_rollout(r, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
-                      chunk=r.size, guide=guide)
+                      chunk=r.size, guide=guide, share_prefix=self.ppo.share_prompt_prefix)
         gold = torch.zeros(r.size, device=self.device) if gold is None else gold
         advantages = None
         if r.values is not None:
