@@ -11,6 +11,7 @@ and what to do, and nothing already written is lost.
 | checkpoint from an incompatible configuration | ValueError naming the checkpoint and what differs |
 | NaN/inf loss | update skipped and counted (``train/skipped_updates``); stop after max_nonfinite_updates in a row |
 | disk full while saving (torch's RuntimeError over the OSError) | CheckpointSaveError naming the path; previous kept |
+| disk full while writing an FSDP2 sharded checkpoint directory | the same; the previous directory kept whole |
 | ``--ckpt_path last`` and no last checkpoint | stops naming where it looked (and an earlier run's newest checkpoint) |
 | a reward that stays NaN | each batch skipped; stop after max_nonfinite_updates in a row, checkpoints kept |
 | a NaN gold reward | RewardError naming the reward and the sample (not ``val/accuracy = nan``) |
@@ -601,6 +602,53 @@ def test_atomic_checkpoint_io_on_a_full_disk_and_on_other_errors(tmp_path, monke
         io_plugin.save_checkpoint({"step": 3}, path)
     assert not isinstance(error.value, CheckpointSaveError)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def _sharded(value: float) -> dict:
+    """What Lightning hands a strategy to save: weights, optimizer states and the rest (meta.pt)."""
+    return {"state_dict": {"w": torch.full((1000,), value)}, "optimizer_states": [], "rollouts": int(value)}
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_sharded_checkpoint_directory_is_replaced_whole(tmp_path):
+    """FSDP2's ``save_distributed_checkpoint=True`` on one process: the new save takes the old one's place, and no
+    shard of the old one (here: of an earlier save on 2 processes) survives beside the new ones."""
+    from torch.distributed.checkpoint import load
+
+    from vrpo_pl.distributed import FSDP2Strategy
+
+    strategy, path = FSDP2Strategy(save_distributed_checkpoint=True), tmp_path / "last.ckpt"
+    strategy.save_checkpoint(_sharded(1.0), path)
+    (path / "__1_0.distcp").write_bytes(b"a shard of an earlier save on 2 processes")
+    strategy.save_checkpoint(_sharded(2.0), path)
+    assert sorted(p.name for p in path.iterdir()) == [".metadata", "__0_0.distcp", "meta.pt"]
+    state = {"state_dict": {"w": torch.zeros(1000)}}
+    load(state, checkpoint_id=path)
+    assert torch.equal(state["state_dict"]["w"], torch.full((1000,), 2.0))
+    assert torch.load(path / "meta.pt", weights_only=True) == {"rollouts": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary directory is left"
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize("killed_between_renames", [False, True], ids=["previous-in-place", "previous-set-aside"])
+def test_a_full_disk_while_writing_shards_keeps_the_previous_directory(tmp_path, monkeypatch, killed_between_renames):
+    """The disk fills while torch.distributed.checkpoint writes a shard: a clear error, the previous directory as it
+    was. ``previous-set-aside``: an earlier save was killed between its two renames; this one puts it back."""
+    from vrpo_pl.distributed import FSDP2Strategy
+
+    strategy, path = FSDP2Strategy(save_distributed_checkpoint=True), tmp_path / "last.ckpt"
+    strategy.save_checkpoint(_sharded(1.0), path)
+    before = _tree(path)
+    if killed_between_renames:
+        path.rename(tmp_path / ".last.ckpt.vrpo-old")
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, _FullDisk(f, room=64), *a, **k))
+    with pytest.raises(CheckpointSaveError, match="no space left on the device") as error:
+        strategy.save_checkpoint(_sharded(2.0), path)
+    monkeypatch.undo()
+    assert str(path) in str(error.value) and "is intact" in str(error.value)
+    assert _tree(path) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary directory is left"
 
 
 # ------------------------------------------------------------------------- runs that would do nothing and exit 0

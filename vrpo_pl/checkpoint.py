@@ -16,9 +16,12 @@ The ``vrpo`` section's pieces live here: :func:`rng_states` / :func:`restore_rng
 NumPy) and :func:`config_fingerprint` / :func:`check_fingerprint` (what a checkpoint's weights must agree with, and
 the message that refuses one that does not).
 
-Limits: remote paths (``s3://``, ...) are written by Lightning's own ``TorchCheckpointIO`` (not atomic), and so
-are FSDP2's sharded checkpoint directories (``FSDP2Strategy(save_distributed_checkpoint=True)``), which do not go
-through a ``CheckpointIO``.
+FSDP2's sharded checkpoint directories (``FSDP2Strategy(save_distributed_checkpoint=True)``) do not go through a
+``CheckpointIO``: every rank writes its shard into a temporary sibling directory (:func:`staging_directory`), and
+once all are complete rank 0 puts it in the target's place (:func:`replace_directory`). Lightning's own writer
+fills the target directory in place, so a crash mixed old and new shards (or left those of an earlier, larger
+world size). Limits: remote paths (``s3://``, ...) are written by Lightning's own ``TorchCheckpointIO`` (not
+atomic).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import hashlib
 import math
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -122,24 +126,87 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_atomically(checkpoint, path)
         except (OSError, RuntimeError) as error:
-            # torch.save reports a failed write (disk full, ...) as a RuntimeError of its zip writer ("unexpected
-            # pos ...") whose context is the OSError; other RuntimeErrors are not about the file.
-            cause = _os_error_in_chain(error)
-            if cause is None:
+            save_error = as_save_error(path, error)
+            if save_error is None:
                 raise
-            raise CheckpointSaveError(cause.errno, _save_error_message(path, cause)) from error
+            raise save_error from error
         _remove_stale_temporaries(path)
 
 
 def _os_error_in_chain(error: BaseException) -> OSError | None:
-    """``error`` itself if it is an OSError, else the first OSError among its causes and contexts."""
+    """``error`` itself if it is an OSError, else the first OSError among its causes and contexts, or among the
+    ranks' failures that ``torch.distributed.checkpoint`` gathers into a ``CheckpointException``."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OSError):
             return error
         seen.add(id(error))
+        for failure, _trace in getattr(error, "failures", {}).values():
+            if (found := _os_error_in_chain(failure)) is not None:
+                return found
         error = error.__cause__ or error.__context__
     return None
+
+
+def as_save_error(path: Path, error: BaseException) -> CheckpointSaveError | None:
+    """The :class:`CheckpointSaveError` for a failed write of ``path`` (the disk is full, permissions, ...), or
+    None when ``error`` is not about the file (torch.save reports a failed write as a RuntimeError of its zip writer
+    whose context is the OSError)."""
+    cause = _os_error_in_chain(error)
+    return None if cause is None else CheckpointSaveError(cause.errno, _save_error_message(path, cause))
+
+
+def staging_directory(path: Path) -> Path:
+    """The temporary sibling directory in which a sharded checkpoint ``path`` is written before it takes its place
+    (the same name on every rank; hidden, and outside Lightning's ``last*.ckpt`` pattern)."""
+    return path.parent / f".{path.name}{_TMP_SUFFIX}"
+
+
+def _aside(path: Path) -> Path:
+    return path.parent / f".{path.name}.vrpo-old"
+
+
+def prepare_staging(path: Path) -> Path:
+    """Clears :func:`staging_directory` of ``path`` (a save killed before) and, if a save was killed between
+    :func:`replace_directory`'s two renames, moves the previous checkpoint back to ``path``. Returns the staging
+    directory, created and empty. Run on one rank."""
+    staging, aside = staging_directory(path), _aside(path)
+    if aside.exists():
+        if not path.exists():
+            aside.rename(path)
+        else:
+            _remove(aside)
+    if staging.exists():
+        _remove(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def replace_directory(staging: Path, path: Path) -> None:
+    """Puts the complete checkpoint directory ``staging`` in ``path``'s place (a directory or a file, or none).
+
+    Its files are fsynced; then the previous ``path`` is renamed aside, ``staging`` renamed to ``path`` and the old
+    one deleted. A crash leaves the previous checkpoint whole: at ``path``, or for the microseconds between the two
+    renames at ``.NAME.vrpo-old``, which the next save moves back (:func:`prepare_staging`). Run on one rank.
+    """
+    for file in (p for p in staging.rglob("*") if p.is_file()):
+        with file.open("rb+") as handle:
+            os.fsync(handle.fileno())
+    _fsync_directory(staging)
+    aside = _aside(path)
+    if path.exists():
+        path.rename(aside)
+    staging.rename(path)
+    _fsync_directory(path.parent)
+    if aside.exists():
+        _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _write_atomically(checkpoint: dict[str, Any], path: Path) -> None:

@@ -29,6 +29,7 @@ environment Lightning detects); each node runs ``--trainer.devices`` processes. 
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -57,9 +58,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     one file through the trainer's ``CheckpointIO`` (atomic, see :mod:`vrpo_pl.checkpoint`), which resumes on any
     number of processes and which ``python -m vrpo_pl.export`` reads. ``save_distributed_checkpoint=True`` writes
     Lightning's sharded directory instead (each rank its shard, for models too large for one process's memory):
-    resuming from it needs FSDP2 again (tested on the same number of processes, exact); the directory is not
-    written atomically (a crash while saving can leave it incomplete: keep ``save_top_k`` > 1 so an older one
-    remains), and ``python -m vrpo_pl.export`` does not read it.
+    resuming from it needs FSDP2 again (tested on the same number of processes, exact); the directory is written
+    atomically too (:meth:`save_checkpoint`), and ``python -m vrpo_pl.export`` does not read it.
     """
 
     def __init__(
@@ -83,6 +83,41 @@ class FSDP2Strategy(ModelParallelStrategy):
         # Every process is a data-parallel replica: the mesh is (world_size, 1), not (num_nodes, devices).
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """Lightning's saving; a sharded directory is written whole or not at all.
+
+        Every rank writes its shard into a temporary sibling directory, which rank 0 then puts in the target's
+        place (:func:`vrpo_pl.checkpoint.replace_directory`): a crash, or a full disk, while saving leaves the
+        previous checkpoint as it was, and no shard of an earlier save survives beside the new ones.
+
+        Raises:
+            CheckpointSaveError: the write failed on a full disk, a quota or permissions (the previous checkpoint
+                is intact).
+        """
+        from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+
+        from vrpo_pl.checkpoint import as_save_error, prepare_staging, replace_directory, staging_directory
+
+        if not self._save_distributed_checkpoint or not _is_local_file_protocol(str(filepath)):
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        path = Path(self.broadcast(str(filepath)))
+        staging = prepare_staging(path) if self.global_rank == 0 else staging_directory(path)
+        self.barrier("vrpo_staging_ready")
+        try:
+            super().save_checkpoint(checkpoint, staging, storage_options)  # every rank's shard, rank 0's meta.pt
+            self.barrier("vrpo_shards_written")
+            if self.global_rank == 0:
+                replace_directory(staging, path)
+        except BaseException as error:  # also torch.distributed.checkpoint's CheckpointException (a BaseException)
+            if self.global_rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            save_error = as_save_error(path, error)
+            if save_error is None:
+                raise
+            raise save_error from error
+        self.barrier("vrpo_checkpoint_in_place")
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
