@@ -476,6 +476,30 @@ def test_known_harmless_library_warnings_are_silenced_and_others_kept():
     assert [str(w.message) for w in caught] == [m for m, _, _ in emitted[4:]]
 
 
+def test_model_summary_counts_parameters_without_flops(run_cli, tmp_path, monkeypatch):
+    """Lightning's summary ends in ``Total FLOPs: 0`` (it measures only an example_input_array RLSystem lacks): the
+    command's summary keeps the parameter counts and drops the FLOPs; enable_model_summary false still turns it off."""
+    from lightning.pytorch.callbacks import ModelSummary
+    from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+
+    from vrpo_pl.callbacks import ParameterSummary, parameter_summary
+
+    cli = run_cli(tmp_path, "--trainer.enable_model_summary", "true", run=False)
+    summaries = [c for c in cli.trainer.callbacks if isinstance(c, ModelSummary)]
+    assert [type(c) for c in summaries] == [ParameterSummary]
+    printed: list[str] = []
+    monkeypatch.setattr(parameter_summary, "rank_zero_info", printed.append)
+    cli.model.configure_model()
+    summaries[0].on_fit_start(cli.trainer, cli.model)
+    (text,) = printed
+    assert "flop" not in text.lower()
+    trainable = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
+    assert f"{get_human_readable_count(trainable):<10}Trainable params" in text
+    assert "| policy " in text and "| critic " in text
+    off = run_cli(tmp_path / "off", run=False)  # shrink_args: --trainer.enable_model_summary false
+    assert not [c for c in off.trainer.callbacks if isinstance(c, ModelSummary)]
+
+
 # ------------------------------------------------------------------------- export into an existing directory
 LORA = ["--model.lora", "{r: 4, alpha: 8}", "--model.critic_lora", "{r: 4, alpha: 8}"]
 

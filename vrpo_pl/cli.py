@@ -36,6 +36,7 @@ from types import TracebackType
 import jsonargparse
 from lightning.pytorch.cli import LightningCLI
 
+from vrpo_pl.callbacks.parameter_summary import replace_default_summary
 from vrpo_pl.checkpoint import check_readable
 from vrpo_pl.data import PromptDataModule
 from vrpo_pl.distributed import check_strategy  # importing it registers --trainer.strategy fsdp2
@@ -62,7 +63,8 @@ TRAINER_DEFAULTS = {
 class VRPOCLI(LightningCLI):
     """LightningCLI with the project's trainer defaults and checks of the strategy before anything is built.
 
-    Building one silences the known, harmless warnings (:func:`quiet_known_warnings`).
+    Building one silences the known, harmless warnings (:func:`quiet_known_warnings`). Its model summary has no
+    FLOPs (:class:`~vrpo_pl.callbacks.ParameterSummary`).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -96,6 +98,13 @@ class VRPOCLI(LightningCLI):
             if is_file_path:
                 check_readable(ckpt_path, error)
             raise
+
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's trainer, with :class:`~vrpo_pl.callbacks.ParameterSummary` in place of its default model
+        summary (whose FLOPs column and total are always 0 here: nothing runs a forward pass for it)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        replace_default_summary(trainer.callbacks)
+        return trainer
 
     def before_fit(self) -> None:
         self._check_last_checkpoint("fit")
