@@ -3,8 +3,10 @@ and what to do, and nothing already written is lost.
 
 | case | behaviour |
 |---|---|
-| unknown config key (flag or YAML), wrong type | parser error naming the key (jsonargparse), exit code 2 |
-| model path that does not exist | FileNotFoundError naming the path and the flag |
+| unknown config key (flag or YAML), wrong type or choice | one line naming the key and ``vrpo fit --help``, exit 2 |
+| model path missing, a model directory without weights or tokenizer | one line naming it and the flag |
+| a broken model cache under ``VRPO_CACHE`` | one line naming the directory: delete it (converted again) |
+| a read-only log or checkpoint directory | refused before anything is created, naming it and its setting |
 | tokenizer without a pad token | handled: EOS pads (padding is always masked) |
 | prompt longer than --model.prompt.max_prompt_tokens | ``truncate`` (default) keeps its end; ``error`` names it |
 | non-UTF-8 data line, empty data file | ValueError naming file (and line) |
@@ -12,7 +14,8 @@ and what to do, and nothing already written is lost.
 | NaN/inf loss | update skipped and counted (``train/skipped_updates``); stop after max_nonfinite_updates in a row |
 | disk full while saving (torch's RuntimeError over the OSError) | CheckpointSaveError naming the path; previous kept |
 | disk full while writing an FSDP2 sharded checkpoint directory | the same; the previous directory kept whole |
-| ``--ckpt_path last`` and no last checkpoint | stops naming where it looked (and an earlier run's newest checkpoint) |
+| ``--ckpt_path last`` | resumes the newest last checkpoint of an earlier ``version_N``; none: names where it looked |
+| a failed start | leaves no ``version_N`` directory (one it did not create, or that holds more, stays) |
 | a reward that stays NaN | each batch skipped; stop after max_nonfinite_updates in a row, checkpoints kept |
 | a NaN gold reward | RewardError naming the reward and the sample (not ``val/accuracy = nan``) |
 | export into a non-empty directory | refused without ``--overwrite``; with it, replaced whole (no stale adapter) |
@@ -24,9 +27,10 @@ gradient_clip_val, --optimizer, --lr_scheduler: each points to the setting that 
 
 Through ``vrpo``'s entry point (:func:`vrpo_pl.cli.main`) every error of the project's own checks above ends the
 command with one line, ``error: <message>``, and exit status 2; ``VRPO_DEBUG=1`` re-raises it with its traceback,
-and other exceptions (bugs) always keep theirs. Values that used to be accepted and silently wrong are refused there:
-a negative ``--model.rewards.clip`` or ``--model.ppo.value_clip``, ``--model.prompt.max_prompt_tokens`` <= 0,
-``--model.critic.decoder_hidden 0``, a ``KLController`` horizon that can turn the coefficient negative, and a
+and other exceptions (bugs) always keep theirs. :func:`_assert_one_line` checks each such case: exit status 2, no
+traceback, and a last line that names the input and the fix. Values that used to be accepted and silently wrong are
+refused there: a negative ``--model.rewards.clip`` or ``--model.ppo.value_clip``, ``--model.prompt.max_prompt_tokens``
+<= 0, ``--model.critic.decoder_hidden 0``, a ``KLController`` horizon that can turn the coefficient negative, and a
 ``--trainer.val_check_interval`` that is not an integer >= 1.
 """
 
@@ -94,43 +98,76 @@ def _overlong_error(tmp_path: Path) -> list[str]:
             "--model.prompt.overlong", "error", "--model.validate_at_start", "false"]
 
 
+def _model_dir(tmp_path: Path, damage: str) -> Path:
+    """A saved TinyLM directory (config, weights, tokenizer) with one part missing or cut short."""
+    from vrpo_pl.models import TinyLM
+
+    path = tmp_path / f"model-{damage}"
+    source = TinyLM()
+    source.causal_lm(torch.float32).save_pretrained(path)
+    source.tokenizer().save_pretrained(path)
+    weights = path / "model.safetensors"
+    if damage == "without-weights":
+        weights.unlink()
+    elif damage == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "without-tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+            (path / name).unlink(missing_ok=True)
+    return path
+
+
+def _pretrained(path: Path) -> list[str]:
+    return ["--model.policy", "vrpo_pl.models.PretrainedLM", "--model.policy.init_args.path", str(path)]
+
+
+HELP = ["run `vrpo fit --help` for the accepted options"]
+
 PARSER_ERRORS = [
-    pytest.param(lambda t: ["--model.ppo.epochz", "2"], ["--model.ppo.epochz"], id="unknown-flag"),
-    pytest.param(_unknown_yaml_key, ["model.ppo.epochz"], id="unknown-yaml-key"),
-    pytest.param(lambda t: ["--model.ppo.epochs", "two"], ["model.ppo.epochs", "int", "two"], id="wrong-type"),
-    pytest.param(lambda t: ["--model.algorithm", "dpo"], ["model.algorithm", "dpo"], id="wrong-choice"),
+    pytest.param(lambda t: ["--model.ppo.epochz", "2"], ["unrecognized arguments: --model.ppo.epochz"], HELP,
+                 id="unknown-flag"),
+    pytest.param(_unknown_yaml_key, ["model.ppo.epochz"], HELP, id="unknown-yaml-key"),
+    pytest.param(lambda t: ["--model.ppo.epochs", "two"], ["model.ppo.epochs", "int", "two"], HELP, id="wrong-type"),
+    pytest.param(lambda t: ["--model.algorithm", "dpo"], ["model.algorithm", "dpo"], HELP, id="wrong-choice"),
 ]
 
 
-@pytest.mark.parametrize("make_args, expected", PARSER_ERRORS)
-def test_config_errors_name_the_key(run_cli, tmp_path, capsys, make_args, expected):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(tmp_path, *make_args(tmp_path))
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err
-    for text in [*expected, "vrpo fit --help"]:
-        assert text in message, f"{text!r} not in {message[-800:]!r}"
+@pytest.mark.parametrize("make_args, names, fix", PARSER_ERRORS)
+def test_config_errors_name_the_key(run_main, tmp_path, make_args, names, fix):
+    """jsonargparse's own errors, one line too (its 40-line usage is left out)."""
+    code, err = run_main(*make_args(tmp_path))
+    _assert_one_line(code, err, names, fix)
+    assert "usage:" not in err
 
 
 STARTUP_ERRORS = [
-    pytest.param(lambda t: ["--model.policy", "vrpo_pl.models.PretrainedLM", "--model.policy.init_args.path",
-                            str(t / "no-such-model")],
-                 FileNotFoundError, ["no-such-model", "config.json", "--model.policy.init_args.path"],
+    pytest.param(lambda t: _pretrained(t / "no-such-model"), FileNotFoundError, ["no-such-model", "no config.json"],
+                 ["Pass a local directory saved with save_pretrained", "--model.policy.init_args.path"],
                  id="model-path-missing"),
-    pytest.param(_non_utf8, ValueError, ["latin1.jsonl:2", "not valid UTF-8", "re-save the file as UTF-8"],
+    pytest.param(lambda t: _pretrained(_model_dir(t, "without-tokenizer")), ValueError,
+                 ["model-without-tokenizer': its tokenizer cannot be loaded", "none of tokenizer.json"],
+                 ["tokenizer.save_pretrained(DIR)", "--model.policy.init_args.path"], id="model-dir-without-tokenizer"),
+    pytest.param(lambda t: _pretrained(_model_dir(t, "without-weights")), ValueError,
+                 ["model-without-weights': its weights cannot be loaded", "no file named model.safetensors"],
+                 ["model.save_pretrained(DIR)", "--model.policy.init_args.path"], id="model-dir-without-weights"),
+    pytest.param(lambda t: _pretrained(_model_dir(t, "truncated-weights")), ValueError,
+                 ["model-truncated-weights': its weights cannot be loaded", "deserializing header"],
+                 ["model.save_pretrained(DIR)", "--model.policy.init_args.path"], id="model-dir-truncated-weights"),
+    pytest.param(_non_utf8, ValueError, ["latin1.jsonl:2", "not valid UTF-8"], ["re-save the file as UTF-8"],
                  id="non-utf8-line"),
-    pytest.param(_empty, ValueError, ["empty.jsonl", "no records"], id="empty-dataset"),
-    pytest.param(_overlong_error, ValueError, ["--model.prompt.max_prompt_tokens=16", "--model.prompt.overlong",
-                                               "State the final answer"], id="overlong-prompt-error"),
+    pytest.param(_empty, ValueError, ["empty.jsonl", "no records"], ["add at least one 'prompt' record"],
+                 id="empty-dataset"),
+    pytest.param(_overlong_error, ValueError, ["State the final answer", "over --model.prompt.max_prompt_tokens=16"],
+                 ["raise the limit or set --model.prompt.overlong truncate"], id="overlong-prompt-error"),
 ]
 
 
-@pytest.mark.parametrize("make_args, error_type, expected", STARTUP_ERRORS)
-def test_bad_input_stops_with_a_message_naming_it(run_cli, tmp_path, make_args, error_type, expected):
+@pytest.mark.parametrize("make_args, error_type, names, fix", STARTUP_ERRORS)
+def test_bad_input_stops_with_a_message_naming_it(run_cli, tmp_path, make_args, error_type, names, fix):
     with pytest.raises(error_type) as error:
         run_cli(tmp_path / "run", *make_args(tmp_path), *_checkpoints(tmp_path / "ckpt"), max_steps=1)
     message = str(error.value)
-    for text in expected:
+    for text in [*names, *fix]:
         assert text in message, f"{text!r} not in {message!r}"
     assert not list(tmp_path.rglob("*.ckpt")), "nothing half-trained is saved"
 
@@ -298,12 +335,15 @@ def run_main(single_thread, tmp_path, capsys):
     return run
 
 
-def _assert_one_line(code, err: str, expected: list[str]) -> None:
+def _assert_one_line(code, err: str, names: list[str], fix: list[str]) -> None:
+    """What every expected error of the command gives: exit status 2, no traceback (without ``VRPO_DEBUG``), and a
+    last line ``error: ...`` that names the input (``names``) and says what to do (``fix``)."""
+    assert names and fix, "each case states the input its message names and the fix it gives"
     assert code == 2, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: "), last
-    for text in expected:
+    for text in [*names, *fix]:
         assert text in last, f"{text!r} not in {last!r}"
 
 
@@ -336,60 +376,67 @@ class RaisingReward(RewardFunction):
 
 
 ONE_LINE_ERRORS = [
-    pytest.param(lambda t: ["--model.rewards.clip=-1"], ["--model.rewards.clip=-1.0 must be > 0"], id="reward-clip"),
-    pytest.param(lambda t: ["--model.ppo.value_clip=-0.2"], ["--model.ppo.value_clip=-0.2 must be > 0"],
-                 id="value-clip"),
-    pytest.param(lambda t: ["--model.prompt.max_prompt_tokens", "0"], ["--model.prompt.max_prompt_tokens=0",
-                                                                      ">= 1"], id="max-prompt-tokens-0"),
-    pytest.param(lambda t: ["--model.prompt.max_prompt_tokens", "-3"], ["--model.prompt.max_prompt_tokens=-3",
-                                                                       ">= 1"], id="max-prompt-tokens-negative"),
-    pytest.param(lambda t: ["--model.critic.decoder_hidden", "0"], ["--model.critic.decoder_hidden=0 must be >= 1"],
-                 id="decoder-hidden-0"),
-    pytest.param(lambda t: ["--trainer.val_check_interval", "0"],
-                 ["--trainer.val_check_interval=0 must be an integer >= 1"], id="val-check-interval-0"),
-    pytest.param(lambda t: ["--trainer.val_check_interval", "0.5"],
-                 ["--trainer.val_check_interval=0.5 must be an integer >= 1"], id="val-check-interval-fraction"),
-    pytest.param(lambda t: _kl_horizon(t, 1), ["KLController: horizon=1 must be > 0.2 * 8 = 1.6"],
+    pytest.param(lambda t: ["--model.rewards.clip=-1"], ["--model.rewards.clip=-1.0"],
+                 ["must be > 0 (or null: no clipping)"], id="reward-clip"),
+    pytest.param(lambda t: ["--model.ppo.value_clip=-0.2"], ["--model.ppo.value_clip=-0.2"],
+                 ["must be > 0 (or null for plain MSE)"], id="value-clip"),
+    pytest.param(lambda t: ["--model.prompt.max_prompt_tokens", "0"], ["--model.prompt.max_prompt_tokens=0"],
+                 ["must be >= 1"], id="max-prompt-tokens-0"),
+    pytest.param(lambda t: ["--model.prompt.max_prompt_tokens", "-3"], ["--model.prompt.max_prompt_tokens=-3"],
+                 ["must be >= 1"], id="max-prompt-tokens-negative"),
+    pytest.param(lambda t: ["--model.critic.decoder_hidden", "0"], ["--model.critic.decoder_hidden=0"],
+                 ["must be >= 1"], id="decoder-hidden-0"),
+    pytest.param(lambda t: ["--trainer.val_check_interval", "0"], ["--trainer.val_check_interval=0"],
+                 ["must be an integer >= 1: the number of rollout batches between validations"],
+                 id="val-check-interval-0"),
+    pytest.param(lambda t: ["--trainer.val_check_interval", "0.5"], ["--trainer.val_check_interval=0.5"],
+                 ["must be an integer >= 1"], id="val-check-interval-fraction"),
+    pytest.param(lambda t: _kl_horizon(t, 1), ["KLController: horizon=1"], ["must be > 0.2 * 8 = 1.6"],
                  id="kl-horizon-negative-coef"),
     pytest.param(lambda t: ["--model.reward", f"{__name__}.RaisingReward", "--model.validate_at_start", "false"],
                  ["the reward RaisingReward raised on", "KeyError", "scorer lost its table"],
-                 id="raising-reward"),
+                 ["fix RaisingReward (VRPO_DEBUG=1 shows where it raised)"], id="raising-reward"),
     pytest.param(lambda t: ["--config", str(_broken_yaml(t))],
-                 ["--config", "broken.yaml: not valid YAML at line 3, column 1", "expected ',' or '}'"],
+                 ["--config", "broken.yaml: not valid YAML at line 3, column 1"], ["expected ',' or '}'"],
                  id="yaml-syntax-error"),
     pytest.param(lambda t: ["--trainer.accumulate_grad_batches", "4"],
-                 ["--trainer.accumulate_grad_batches=4 does not apply", "--model.ppo.micro_batch_size"],
+                 ["--trainer.accumulate_grad_batches=4 does not apply"], ["set --model.ppo.micro_batch_size"],
                  id="accumulate-grad-batches"),
-    pytest.param(lambda t: ["--trainer.gradient_clip_val", "1.0"],
-                 ["--trainer.gradient_clip_val=1.0 does not apply", "--model.optim.policy_max_grad_norm"],
+    pytest.param(lambda t: ["--trainer.gradient_clip_val", "1.0"], ["--trainer.gradient_clip_val=1.0 does not apply"],
+                 ["set --model.optim.policy_max_grad_norm and --model.optim.critic_max_grad_norm"],
                  id="gradient-clip-val"),
-    pytest.param(lambda t: ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"],
-                 ["--optimizer does not apply", "--model.optim"], id="optimizer"),
+    pytest.param(lambda t: ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"], ["--optimizer does not apply"],
+                 ["see --model.optim"], id="optimizer"),
     pytest.param(lambda t: ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1"],
-                 ["--lr_scheduler does not apply", "no learning-rate schedule"], id="lr-scheduler"),
+                 ["--lr_scheduler does not apply"], ["no learning-rate schedule"], id="lr-scheduler"),
     pytest.param(lambda t: _data(_without_answer(t)),
                  ["without-answer.jsonl: record without-answer.jsonl:3 ('2 + 1 =') has no 'answer'",
-                  "SymmetricFlip (its NumericVerifier)", "--data.source.init_args.answer_key"],
-                 id="record-without-answer"),
+                  "SymmetricFlip (its NumericVerifier)"],
+                 ["add it to every record, or set --data.source.init_args.answer_key"], id="record-without-answer"),
     pytest.param(lambda t: ["--data.source.init_args.answer_key", "solution"],
-                 ["record arithmetic.jsonl:1", "has no 'solution'", "--data.source.init_args.answer_key"],
+                 ["record arithmetic.jsonl:1", "has no 'solution'"], ["set --data.source.init_args.answer_key"],
                  id="wrong-answer-key"),
-    *[pytest.param(make_args, expected, id=case.id) for case in STARTUP_ERRORS
-      for make_args, _, expected in [case.values]],
+    pytest.param(lambda t: ["--trainer.callbacks", "[]"], ["--model.critic.aux predict needs the callback",
+                                                         "vrpo_pl.callbacks.FrozenLMTargets"],
+                 ["add it under trainer.callbacks", "or set --model.critic.aux none"], id="missing-guide-callback"),
+    *[pytest.param(make_args, names, fix, id=case.id) for case in STARTUP_ERRORS
+      for make_args, _, names, fix in [case.values]],
 ]
 
 
-@pytest.mark.parametrize("make_args, expected", ONE_LINE_ERRORS)
-def test_expected_errors_print_one_line_and_exit_2(run_main, tmp_path, make_args, expected):
+@pytest.mark.parametrize("make_args, names, fix", ONE_LINE_ERRORS)
+def test_expected_errors_print_one_line_and_exit_2(run_main, tmp_path, make_args, names, fix):
     code, err = run_main(*make_args(tmp_path), *_checkpoints(tmp_path / "ckpt"))
-    _assert_one_line(code, err, expected)
+    _assert_one_line(code, err, names, fix)
     assert not list(tmp_path.rglob("*.ckpt")), "nothing half-trained is saved"
+    assert not list(tmp_path.rglob("version_*")), "a failed start leaves no log directory"
 
 
 def test_incompatible_checkpoint_is_one_line_and_left_alone(run_main, one_rollout_checkpoint):
     before = one_rollout_checkpoint.read_bytes()
     code, err = run_main("--model.algorithm", "ppo", "--ckpt_path", str(one_rollout_checkpoint), max_steps=2)
-    _assert_one_line(code, err, [str(one_rollout_checkpoint), "incompatible configuration", "algorithm"])
+    _assert_one_line(code, err, [str(one_rollout_checkpoint), "incompatible configuration", "algorithm"],
+                     ["Resume with the configuration it was written with"])
     assert one_rollout_checkpoint.read_bytes() == before
 
 
@@ -449,7 +496,7 @@ def test_vrpo_command_prints_one_line_and_exits_2(tmp_path):
     env.pop("VRPO_DEBUG", None)
     result = subprocess.run([str(Path(sys.executable).parent / "vrpo"), *args], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
-    _assert_one_line(result.returncode, result.stderr, ["--model.rewards.clip=-1.0 must be > 0 (or null"])
+    _assert_one_line(result.returncode, result.stderr, ["--model.rewards.clip=-1.0"], ["must be > 0 (or null"])
 
 
 def test_known_harmless_library_warnings_are_silenced_and_others_kept():
@@ -595,7 +642,7 @@ def test_export_command_refuses_a_non_empty_out_before_loading(single_thread, tm
     (out / "policy" / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_info:
         main(["--ckpt_path", str(tmp_path / "never-read.ckpt"), "--out", str(out)])
-    _assert_one_line(exit_info.value.code, capsys.readouterr().err, [str(out), "not empty", "--overwrite"])
+    _assert_one_line(exit_info.value.code, capsys.readouterr().err, [str(out), "not empty"], ["pass --overwrite"])
     assert _tree(out) == {"policy/config.json": b"{}"}
 
 
@@ -679,7 +726,8 @@ def test_a_full_disk_while_writing_shards_keeps_the_previous_directory(tmp_path,
 def test_ckpt_path_last_without_a_checkpoint_names_where_it_looked(run_main, tmp_path):
     code, err = run_main("--ckpt_path", "last")
     _assert_one_line(code, err, ["--ckpt_path last: no last checkpoint (last.ckpt) in",
-                                 str(tmp_path / "run" / "tiny" / "version_0" / "checkpoints"), "--ckpt_path PATH"])
+                                 str(tmp_path / "run" / "tiny" / "version_0" / "checkpoints")],
+                     ["give a checkpoint file with --ckpt_path PATH"])
     assert not list(tmp_path.rglob("*.ckpt")), "it did not train from scratch"
 
 
@@ -689,8 +737,73 @@ def test_ckpt_path_last_points_to_the_newest_earlier_run(run_cli, run_main, tmp_
     before = earlier.read_bytes()
     code, err = run_main("--ckpt_path", "last")
     _assert_one_line(code, err, [str(tmp_path / "run" / "tiny" / "version_1" / "checkpoints"),
-                                 f"to resume the newest earlier run, --ckpt_path {earlier}"])
+                                 f"nor in the earlier runs' {str(tmp_path / 'run' / 'tiny' / '*' / 'checkpoints')!r}"],
+                     ["the newest checkpoint of an earlier run is not a last one: resume it with "
+                      f"--ckpt_path {earlier}"])
     assert earlier.read_bytes() == before and len(list(tmp_path.rglob("*.ckpt"))) == 1
+
+
+def test_ckpt_path_last_resumes_the_newest_earlier_run(run_cli, tmp_path, capsys):
+    """Each run logs to a new version_N: ``last`` takes the newest last.ckpt of an earlier version, and says so."""
+    save = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_last",
+            "true", "--trainer.callbacks.every_n_train_steps", "1", "--model.validate_at_start", "false"]
+    runs = tmp_path / "run" / "tiny"
+    run_cli(tmp_path / "run", *save, max_steps=1)
+    first = runs / "version_0" / "checkpoints" / "last.ckpt"
+    before = first.read_bytes()
+    capsys.readouterr()
+    resumed = run_cli(tmp_path / "run", *save, "--ckpt_path", "last", max_steps=2)
+    assert (f"--ckpt_path last: resuming {str(first)!r}, the newest last checkpoint of an earlier run; this run logs "
+            f"to {str(runs / 'version_1')!r}") in capsys.readouterr().out
+    assert resumed.model.rollouts == resumed.trainer.global_step == 2
+    assert first.read_bytes() == before
+    again = run_cli(tmp_path / "run", *save, "--ckpt_path", "last", max_steps=3)
+    assert f"resuming {str(runs / 'version_1' / 'checkpoints' / 'last.ckpt')!r}" in capsys.readouterr().out
+    assert again.model.rollouts == again.trainer.global_step == 3
+
+
+def test_a_failed_start_keeps_a_log_directory_it_did_not_create(run_main, tmp_path):
+    version = tmp_path / "run" / "tiny" / "version_0"
+    version.mkdir(parents=True)
+    (version / "notes.txt").write_text("mine")
+    code, err = run_main("--trainer.callbacks", "[]", "--trainer.logger.init_args.version", "0")
+    _assert_one_line(code, err, ["--model.critic.aux predict needs the callback"], ["or set --model.critic.aux none"])
+    assert (version / "notes.txt").read_text() == "mine"
+
+
+def test_remove_failed_start_removes_only_what_a_start_writes(tmp_path):
+    """Unit level: a directory with more than config.yaml, hparams.yaml and event files, or of a run that trained or
+    logged, stays; otherwise it goes with the parents this run created, unless another run is in them."""
+    import shutil
+    from types import SimpleNamespace
+
+    from vrpo_pl.run_directory import first_created, remove_failed_start
+
+    def trainer(global_step: int = 0, callback_metrics: dict | None = None) -> SimpleNamespace:
+        return SimpleNamespace(global_step=global_step, callback_metrics=callback_metrics or {}, logged_metrics={})
+
+    quiet = trainer()
+    log_dir = tmp_path / "runs" / "tiny" / "version_0"
+    created = first_created(log_dir)
+    assert created == tmp_path / "runs"
+
+    def start(*extra: str) -> None:
+        for name in ("config.yaml", "hparams.yaml", "events.out.tfevents.1.host.1.0", *extra):
+            (log_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (log_dir / name).write_text("x")
+
+    start("checkpoints/last.ckpt")
+    assert not remove_failed_start(log_dir, created, quiet) and (log_dir / "checkpoints" / "last.ckpt").exists()
+    shutil.rmtree(log_dir / "checkpoints")
+    assert not remove_failed_start(log_dir, created, trainer(global_step=1)) and log_dir.is_dir()
+    assert not remove_failed_start(log_dir, created, trainer(callback_metrics={"val/accuracy": 0.5}))
+    (tmp_path / "runs" / "tiny" / "version_1").mkdir()  # another run started beside this one
+    assert remove_failed_start(log_dir, created, quiet)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["runs", "runs/tiny",
+                                                                                 "runs/tiny/version_1"]
+    (tmp_path / "runs" / "tiny" / "version_1").rmdir()
+    start()
+    assert remove_failed_start(log_dir, created, quiet) and list(tmp_path.iterdir()) == []
 
 
 class NaNFromSecondBatch(RewardFunction):
@@ -717,13 +830,15 @@ def test_a_reward_that_stays_nan_stops_the_run_and_keeps_checkpoints(run_main, t
                          "--model.validate_at_start", "false", "--trainer.val_check_interval", "100",
                          *_checkpoints(ckpt), max_steps=6)
     _assert_one_line(code, err, ["2 rollout batches in a row had a non-finite reward from NaNFromSecondBatch",
-                                 "rollout batch 2", "--model.ppo.max_nonfinite_updates"])
+                                 "rollout batch 2"],
+                     ["Check the reward function, or raise --model.ppo.max_nonfinite_updates"])
     trained = torch.load(ckpt / "epoch=0-step=1.ckpt", weights_only=True)
     last = torch.load(ckpt / "last.ckpt", weights_only=True)
     assert trained["vrpo"]["rollouts"] == 1 and last["vrpo"]["rollouts"] in (1, 2)
     assert last["state_dict"].keys() == trained["state_dict"].keys()
     assert all(torch.equal(v, trained["state_dict"][k]) for k, v in last["state_dict"].items()), \
         "the checkpoints hold the trained batch's weights, nothing trained on the NaNs"
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "a run that logged keeps its log directory"
 
 
 class NaNGold(RewardFunction):
@@ -739,7 +854,7 @@ def test_a_nan_gold_reward_at_validation_names_the_reward(run_main, tmp_path):
     code, err = run_main("--model.reward", f"{__name__}.NaNGold", "--trainer.callbacks", "[]",
                          "--model.algorithm", "ppo")  # ppo: no callback is needed
     _assert_one_line(code, err, ["the gold score is not finite: the reward NaNGold returned nan for sample 0 of a "
-                                 "validation batch", "fix NaNGold's gold"])
+                                 "validation batch"], ["fix NaNGold's gold"])
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
@@ -836,12 +951,67 @@ def test_unreadable_checkpoint_is_named_on_resume_and_export(run_main, one_rollo
         ckpt.write_bytes(damage(one_rollout_checkpoint.read_bytes()))
     before = ckpt.read_bytes() if damage is not None else None
     code, err = run_main("--ckpt_path", str(ckpt))
-    _assert_one_line(code, err, [f"--ckpt_path {str(ckpt)!r} {expected}", "resume from another checkpoint"])
+    _assert_one_line(code, err, [f"--ckpt_path {str(ckpt)!r} {expected}"], ["resume from another checkpoint"])
     with pytest.raises(SystemExit) as exit_info:
         export_main(["--config", str(TINY_CONFIG), *data_path_args(TINY_CONFIG), "--ckpt_path", str(ckpt),
                      "--out", str(tmp_path / "exported")])
-    _assert_one_line(exit_info.value.code, capsys.readouterr().err, [f"--ckpt_path {str(ckpt)!r} {expected}"])
+    _assert_one_line(exit_info.value.code, capsys.readouterr().err, [f"--ckpt_path {str(ckpt)!r} {expected}"],
+                     ["resume from another checkpoint"])
     assert (ckpt.read_bytes() if damage is not None else None) == before and not (tmp_path / "exported").exists()
+
+
+@pytest.fixture()
+def read_only_dir(tmp_path):
+    """A directory nothing can be written in: mode 0o555 for a user; for root, which ignores modes, a read-only
+    tmpfs (skipped where root cannot mount one)."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"root cannot mount a read-only tmpfs here: {mounted.stderr.strip()[:200]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("make_args, names, fix", [
+    pytest.param(lambda ro: ["--trainer.logger.init_args.save_dir", str(ro / "runs")],
+                 lambda ro: [f"the log directory {str(ro / 'runs' / 'tiny' / 'version_0')!r} cannot be created: "
+                             f"{str(ro)!r} is "], ["set --trainer.logger.init_args.save_dir to a writable directory"],
+                 id="logger-save-dir"),
+    pytest.param(lambda ro: ["--trainer.logger", "false", "--trainer.default_root_dir", str(ro / "runs")],
+                 lambda ro: [f"the log directory {str(ro / 'runs')!r} cannot be created: {str(ro)!r} is "],
+                 ["set --trainer.default_root_dir to a writable directory"], id="default-root-dir"),
+    pytest.param(lambda ro: _checkpoints(ro / "ckpt"),
+                 lambda ro: [f"the checkpoint directory {str(ro / 'ckpt')!r} cannot be created: {str(ro)!r} is "],
+                 ["set the ModelCheckpoint callback's dirpath (trainer.callbacks) or "
+                  "--trainer.logger.init_args.save_dir to a writable directory"], id="checkpoint-dirpath"),
+])
+def test_a_read_only_log_or_checkpoint_directory_is_named_before_anything_runs(run_main, read_only_dir, tmp_path,
+                                                                              make_args, names, fix):
+    code, err = run_main(*make_args(read_only_dir))
+    _assert_one_line(code, err, names(read_only_dir), fix)
+    assert not list(tmp_path.rglob("version_*"))
+
+
+def test_a_broken_model_cache_is_named_with_what_to_do(run_main, tmp_path, monkeypatch):
+    """A converted SmolLM2 under $VRPO_CACHE whose weights were cut short (a disk that filled, a copy)."""
+    broken = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    broken.parent.mkdir()
+    _model_dir(tmp_path, "truncated-weights").rename(broken)
+    monkeypatch.setenv("VRPO_CACHE", str(tmp_path / "cache"))
+    code, err = run_main("--model.policy", "vrpo_pl.models.SmolLM2")
+    _assert_one_line(code, err, [f"the model cache {str(broken)!r}", "is broken: its weights cannot be loaded"],
+                     ["delete that directory: the next run converts the model again from its package"])
+    assert (broken / "config.json").exists(), "named, not deleted behind the user's back"
+    assert not list(tmp_path.rglob("version_*"))
 
 
 def test_atomic_checkpoint_io_names_an_unreadable_file(tmp_path):
@@ -877,7 +1047,7 @@ def test_lora_checkpoint_is_refused_on_another_base_of_the_same_shape(run_cli, r
     code, err = run_main(*LORA, "--model.policy.init_args.seed", "1", "--ckpt_path", str(ckpt / "last.ckpt"),
                          max_steps=2)
     _assert_one_line(code, err, ["incompatible configuration", "base: ['TinyLM(", "seed=0)'] in the checkpoint",
-                                 "seed=1)'] now"])
+                                 "seed=1)'] now"], ["Resume with the configuration it was written with"])
     assert (ckpt / "last.ckpt").read_bytes() == before
 
 

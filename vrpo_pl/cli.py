@@ -19,8 +19,8 @@ Errors: a check of the project's own (a setting out of range, a data file, a mod
 stops the command with one line, ``error: <message>``, on stderr and exit status 2, in every process of a
 multi-process run (prefixed ``[rank N]`` there; the processes that then lose their connection to it say so in one
 line and exit 1); ``VRPO_DEBUG=1`` shows the full traceback instead. Anything else (a bug, or a library's own
-failure) keeps its traceback. Parser errors (unknown flag, wrong type) are
-jsonargparse's, also exit status 2.
+failure) keeps its traceback. Parser errors (unknown flag, wrong type) are jsonargparse's messages, also one line
+and exit status 2 (:class:`VRPOParser`).
 """
 
 from __future__ import annotations
@@ -32,14 +32,23 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 import jsonargparse
-from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from vrpo_pl.callbacks.parameter_summary import replace_default_summary
 from vrpo_pl.checkpoint import check_readable
 from vrpo_pl.data import PromptDataModule
 from vrpo_pl.distributed import check_strategy  # importing it registers --trainer.strategy fsdp2
+from vrpo_pl.run_directory import (
+    check_writable,
+    first_created,
+    last_checkpoint_to_resume,
+    remove_failed_start,
+    version_directory,
+)
 from vrpo_pl.system import RLSystem
 
 # Attribute docstrings (the text under each dataclass field) become --help text.
@@ -60,17 +69,34 @@ TRAINER_DEFAULTS = {
 }
 
 
+class VRPOParser(LightningArgumentParser):
+    """LightningCLI's parser whose errors (an unknown flag, a wrong type or choice) are one line, ``error: <message>;
+    run `vrpo fit --help` ...``, exit status 2: jsonargparse prints its 40-line usage first, which buries the
+    message (kept with ``VRPO_DEBUG=1``)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or debug_enabled():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {' '.join(message.split())}; run `{prog} --help` for the accepted options\n")
+        sys.exit(2)
+
+
 class VRPOCLI(LightningCLI):
     """LightningCLI with the project's trainer defaults and checks of the strategy before anything is built.
 
-    Building one silences the known, harmless warnings (:func:`quiet_known_warnings`). Its model summary has no
-    FLOPs (:class:`~vrpo_pl.callbacks.ParameterSummary`).
+    Building one silences the known, harmless warnings (:func:`quiet_known_warnings`). Before a run it checks that
+    its log and checkpoint directories can be written and resolves ``--ckpt_path last`` across the logger's
+    versions; a run that fails before it logs anything removes the ``version_N`` directory it created
+    (:mod:`vrpo_pl.run_directory`). Its model summary has no FLOPs (:class:`~vrpo_pl.callbacks.ParameterSummary`).
     """
 
     def __init__(self, *args, **kwargs) -> None:
         quiet_known_warnings()
         argv = kwargs.get("args")
         check_config_files(sys.argv[1:] if argv is None else argv)
+        kwargs.setdefault("parser_class", VRPOParser)
         super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -106,11 +132,24 @@ class VRPOCLI(LightningCLI):
         replace_default_summary(trainer.callbacks)
         return trainer
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        # LightningCLI has no hook for a failed subcommand, hence this override of its private runner. A run that
+        # fails before it logs anything removes the version_N directory it created (config.yaml and an empty event
+        # file): a failed start leaves nothing to mistake for a run (vrpo_pl.run_directory).
+        log_dir = version_directory(self.trainer) if rank_zero_only.rank == 0 else None
+        created = first_created(log_dir)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if created is not None:
+                remove_failed_start(log_dir, created, self.trainer)
+            raise
+
     def before_fit(self) -> None:
-        self._check_last_checkpoint("fit")
+        self._prepare_run("fit")
 
     def before_validate(self) -> None:
-        self._check_last_checkpoint("validate")
+        self._prepare_run("validate")
 
     def after_validate(self) -> None:
         """Prints the validation metrics (they are logged at the rollout step, which Lightning's table skips)."""
@@ -120,63 +159,21 @@ class VRPOCLI(LightningCLI):
             source = f", checkpoint {ckpt}" if ckpt else ""
             print(f"validation (rollout {getattr(self.model, 'rollouts', '?')}{source}): {metrics}", flush=True)
 
-    def _check_last_checkpoint(self, subcommand: str) -> None:
-        if self.config_init[subcommand].get("ckpt_path") == "last":
-            check_last_checkpoint(self.trainer)
-
-
-def checkpoint_directories(trainer) -> list[str] | None:
-    """Where ``--ckpt_path last`` looks: each ModelCheckpoint's directory, resolved as Lightning's
-    ``ModelCheckpoint`` resolves it (its dirpath, else LOGGER_SAVE_DIR/NAME/version_N/checkpoints of this run, else
-    DEFAULT_ROOT_DIR/checkpoints). None when one is remote or has a templated ``last`` name (not checked here)."""
-    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    directories = []
-    for callback in trainer.checkpoint_callbacks:
-        if not isinstance(callback, ModelCheckpoint):
-            continue
-        if "{" in callback.CHECKPOINT_NAME_LAST:
-            return None
-        if callback.dirpath is not None:
-            directory = str(callback.dirpath)
-        elif trainer.loggers:
-            logger = trainer.loggers[0]
-            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-            directory = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version,
-                                     "checkpoints")
-        else:
-            directory = os.path.join(trainer.default_root_dir, "checkpoints")
-        if not _is_local_file_protocol(directory):
-            return None
-        directories.append(directory)
-    return directories
-
-
-def check_last_checkpoint(trainer) -> None:
-    """Refuses ``--ckpt_path last`` when there is no last checkpoint (Lightning would train from scratch).
-
-    Raises:
-        ValueError: naming the directories looked in and, when an earlier run of the same logger left one, its
-            newest checkpoint file.
-    """
-    directories = checkpoint_directories(trainer)
-    if directories is None:
-        return
-    # Lightning's own test (ModelCheckpoint._find_last_checkpoints): a .ckpt whose name starts with "last".
-    if any(p.suffix == ".ckpt" and p.stem.startswith("last") for d in directories if Path(d).is_dir()
-           for p in Path(d).iterdir()):
-        return
-    where = ", ".join(repr(d) for d in directories) or "no directory: no ModelCheckpoint callback is configured"
-    hint = "give a checkpoint file with --ckpt_path PATH, or start without --ckpt_path"
-    logger = trainer.loggers[0] if trainer.loggers else None
-    if logger is not None and logger.save_dir:
-        runs = Path(logger.save_dir, str(logger.name))
-        earlier = sorted(runs.glob("version_*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if earlier:
-            hint = ("each run logs to a new version_N directory; to resume the newest earlier run, "
-                    f"--ckpt_path {earlier[-1]}")
-    raise ValueError(f"--ckpt_path last: no last checkpoint (last.ckpt) in {where}; {hint}")
+    def _prepare_run(self, subcommand: str) -> None:
+        """Checks that the run's directories can be written, and resolves ``--ckpt_path last`` to an earlier run's
+        last checkpoint when this run's own directories have none (or refuses it)."""
+        check_writable(self.trainer)
+        if self.config_init[subcommand].get("ckpt_path") != "last":
+            return
+        path = last_checkpoint_to_resume(self.trainer)
+        if path is None:
+            return  # Lightning's own "last" finds it
+        self.config_init[subcommand]["ckpt_path"] = str(path)
+        if rank_zero_only.rank == 0:
+            log_dir = version_directory(self.trainer)
+            logs = f"; this run logs to {str(log_dir)!r}" if log_dir is not None else ""
+            print(f"--ckpt_path last: resuming {str(path)!r}, the newest last checkpoint of an earlier run{logs}",
+                  flush=True)
 
 
 def check_config_files(argv) -> None:
@@ -325,6 +322,11 @@ DEBUG_ENV = "VRPO_DEBUG"
 """Set to 1 for the full traceback of the project's own errors (by default one line, ``error: <message>``)."""
 
 
+def debug_enabled() -> bool:
+    """Whether :data:`DEBUG_ENV` asks for tracebacks (any value but empty or 0)."""
+    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
 def quiet_known_warnings() -> None:
     """Installs the filters of :data:`QUIET_WARNINGS` and :data:`HARMLESS_LIBRARY_WARNINGS`."""
     for message in QUIET_WARNINGS:
@@ -360,8 +362,6 @@ def error_line(error: BaseException) -> str:
         message = error.strerror + (f": {error.filename!r}" if error.filename else "")
     else:
         message = str(error) or type(error).__name__
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
     # Lightning's launcher sets LOCAL_RANK in every process it runs (and removes WORLD_SIZE at teardown).
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = getattr(rank_zero_only, "rank", 0)
@@ -377,7 +377,7 @@ def run_reporting_errors(function: Callable[..., object], *args) -> None:
     try:
         function(*args)
     except Exception as error:
-        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        if debug_enabled():
             raise
         if is_project_error(error):
             sys.stderr.flush()

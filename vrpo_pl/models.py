@@ -70,6 +70,14 @@ def resolve_dtype(name: DType, all_trained_by_lora: bool, device: torch.device) 
     return "bfloat16" if all_trained_by_lora and bf16_is_fast(device) else "float32"
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""The files one of which a Hugging Face tokenizer is built from (fast, SentencePiece, BPE, WordPiece)."""
+
+
+class ModelLoadError(ValueError):
+    """A model directory's weights or tokenizer cannot be loaded; the message names the directory and what to do."""
+
+
 class LMSource(ABC):
     """Where a causal language model and its tokenizer come from."""
 
@@ -110,23 +118,51 @@ class PretrainedLM(LMSource):
                 "Pass a local directory saved with save_pretrained, e.g. --model.policy.init_args.path DIR."
             )
 
+    def _load(self, what: Literal["weights", "tokenizer"], auto_class, **kwargs):
+        """``auto_class.from_pretrained(path, **kwargs)``.
+
+        Raises:
+            ModelLoadError: the directory's files are missing or damaged, or transformers cannot build a tokenizer
+                from them; naming the directory, what failed and what to do.
+        """
+        from safetensors import SafetensorError
+
+        self._check()
+        try:
+            return auto_class.from_pretrained(self.path, **kwargs)
+        except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as error:
+            raise ModelLoadError(f"{self._unloadable(what)} ({self._why(what, error)}); {self._load_fix(what)}") \
+                from error
+
+    def _why(self, what: str, error: BaseException) -> str:
+        # transformers' text for a directory without tokenizer files is about converting slow tokenizers
+        # ("You need to have sentencepiece or tiktoken installed"): name what is missing instead.
+        if what == "tokenizer" and not any((self.path / name).exists() for name in _TOKENIZER_FILES):
+            return f"none of {', '.join(_TOKENIZER_FILES)} is there"
+        return "transformers: " + (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+    def _unloadable(self, what: str) -> str:
+        return f"model path {str(self.path)!r}: its {what} cannot be loaded"
+
+    def _load_fix(self, what: str) -> str:
+        saved = "the model there with model" if what == "weights" else "the tokenizer there with tokenizer"
+        return (f"save {saved}.save_pretrained(DIR), or point --model.policy.init_args.path (or "
+                "--model.critic_backbone.init_args.path) to a complete Hugging Face directory")
+
     def causal_lm(self, dtype: torch.dtype) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        self._check()
-        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype)
+        return self._load("weights", AutoModelForCausalLM, dtype=dtype)
 
     def backbone(self, dtype: torch.dtype) -> nn.Module:
         from transformers import AutoModel
 
-        self._check()
-        return AutoModel.from_pretrained(self.path, dtype=dtype)
+        return self._load("weights", AutoModel, dtype=dtype)
 
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        self._check()
-        return AutoTokenizer.from_pretrained(self.path)
+        return self._load("tokenizer", AutoTokenizer)
 
     def identity(self) -> str:
         """A cheap content hash, independent of where the directory lies: config.json, and the names, sizes and
@@ -150,6 +186,13 @@ class SmolLM2(PretrainedLM):
         from vrpo_pl.hub import smollm2_path
 
         super().__init__(str(smollm2_path()))
+
+    def _unloadable(self, what: str) -> str:
+        return (f"the model cache {str(self.path)!r} (SmolLM2-135M-Instruct converted under $VRPO_CACHE, default "
+                f"~/.cache/vrpo_pl) is broken: its {what} cannot be loaded")
+
+    def _load_fix(self, what: str) -> str:
+        return "delete that directory: the next run converts the model again from its package (about 15 s)"
 
 
 # A small fixed corpus for the tiny tokenizer: enough words and digits for arithmetic prompts.

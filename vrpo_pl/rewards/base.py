@@ -103,8 +103,8 @@ def call_reward(reward: RewardFunction, completions: list[Completion], where: st
     try:
         result = reward.gold_score(completions) if gold_only else reward.score(completions)
     except Exception as error:
-        raise RewardError(f"the reward {name} raised on {where} (first prompt: {first!r}): "
-                          f"{type(error).__name__}: {error}") from error
+        raise RewardError(f"the reward {name} raised on {where} (first prompt: {first!r}): {type(error).__name__}: "
+                          f"{error}; fix {name} (VRPO_DEBUG=1 shows where it raised)") from error
     tensors = {"gold": result} if gold_only else {"train": result.train, "gold": result.gold}
     for field_name, scores in tensors.items():
         if scores is not None and tuple(scores.shape) != (len(completions),):
