@@ -5,6 +5,7 @@ and the callbacks (KLController with a mock module, SampleLogger in a real run).
 from __future__ import annotations
 
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -271,3 +272,36 @@ def test_kl_controller_state_dict_round_trip():
 def test_kl_controller_rejects_bad_settings(bad):
     with pytest.raises(ValueError, match="KLController"):
         KLController(**{"target": 1.0, **bad})
+
+
+def test_critic_epochs_and_warmup_schedule_the_optimizer_steps(run_cli, tmp_path):
+    """Three rollout batches, one policy epoch, three critic epochs, the first rollout critic-only: the critic
+    steps 3 x mini-batches per rollout, the policy 1 x mini-batches from the second rollout on."""
+    from vrpo_pl.system import RLSystem
+
+    cli = run_cli(tmp_path, "--model.ppo.epochs", "1", "--model.ppo.critic_epochs", "3",
+                  "--model.ppo.critic_warmup_rollouts", "1", max_steps=3, run=False)
+    model = cli.model
+    rollout_size = cli.datamodule.prompts_per_rollout * cli.datamodule.samples_per_prompt
+    minis = rollout_size // model.ppo.mini_batch_size
+    steps: list[tuple[int, str]] = []
+    original = RLSystem._optimizer_step
+
+    def counted(self, name, *args, **kwargs):
+        steps.append((self.rollouts, name))
+        return original(self, name, *args, **kwargs)
+
+    with mock.patch.object(RLSystem, "_optimizer_step", counted):
+        cli.trainer.fit(model, datamodule=cli.datamodule)
+    rollouts = sorted({k for k, _ in steps})
+    assert len(rollouts) == 3
+    for i, k in enumerate(rollouts):
+        assert steps.count((k, "critic")) == 3 * minis
+        assert steps.count((k, "policy")) == (0 if i == 0 else minis)
+
+
+def test_critic_epochs_must_be_positive():
+    from vrpo_pl.settings import PPOSettings
+
+    with pytest.raises(ValueError, match=r"--model\.ppo\.critic_epochs=0 must be >= 1"):
+        PPOSettings(critic_epochs=0)

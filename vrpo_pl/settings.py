@@ -60,6 +60,10 @@ class PPOSettings:
     """Standardize PPO/VRPO advantages over the rollout batch's response tokens (Secrets of RLHF I)."""
     grpo_scale_by_std: bool = True
     """GRPO: divide group-centered rewards by the group's std; False is Dr. GRPO (Liu et al. 2025)."""
+    critic_epochs: int | None = None
+    """Passes of the critic over each rollout batch, on the same shuffled mini-batches as the policy's (None: as
+    many as ``epochs``; verl's ``critic.ppo_epochs``). More passes fit the returns sooner, at the cost of one critic
+    forward and backward per pass."""
     critic_warmup_rollouts: int = 0
     """Rollout batches at the start during which only the critic trains (Secrets of RLHF I)."""
     max_nonfinite_updates: int = 5
@@ -81,6 +85,8 @@ class PPOSettings:
             (0 <= p.lam <= 1, f"lam={p.lam} must be in [0, 1]"),
             (0 < p.gamma <= 1, f"gamma={p.gamma} must be in (0, 1]"),
             (p.entropy_coef >= 0, f"entropy_coef={p.entropy_coef} must be >= 0"),
+            (p.critic_epochs is None or p.critic_epochs >= 1,
+             f"critic_epochs={p.critic_epochs} must be >= 1 (or null: as many as epochs)"),
             (p.critic_warmup_rollouts >= 0, f"critic_warmup_rollouts={p.critic_warmup_rollouts} must be >= 0"),
             (p.max_nonfinite_updates >= 1, f"max_nonfinite_updates={p.max_nonfinite_updates} must be >= 1"),
         ])

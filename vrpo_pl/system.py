@@ -379,17 +379,18 @@ class RLSystem(pl.LightningModule):
         metrics = MetricAccumulator(self.device)
         mini = self.ppo.mini_batch_size
         micro = self.ppo.micro_batch_size or mini
+        critic_epochs = self.ppo.critic_epochs or self.ppo.epochs
         with distributed.no_ddp_sync(self.trainer.model), training_attention(self.policy, self.critic):
-            for _ in range(self.ppo.epochs):
+            for epoch in range(max(self.ppo.epochs, critic_epochs if self.critic is not None else 0)):
                 order = torch.randperm(r.size, generator=self._shuffle_gen).to(self.device)
                 for start in range(0, r.size, mini):
                     idx = order[start : start + mini]
                     norm = distributed.loss_normalizers(r.mask[idx], self.trainer.world_size)
                     micro_batches = split_micro_batches(r, idx, micro, self.ppo.max_tokens_per_micro_batch,
                                                         by_prompt=self.ppo.share_prompt_prefix)
-                    if train_policy:
+                    if train_policy and epoch < self.ppo.epochs:
                         self._optimizer_step("policy", optimizers[0], self.policy, micro_batches, r, norm, metrics)
-                    if self.critic is not None:
+                    if self.critic is not None and epoch < critic_epochs:
                         self._optimizer_step("critic", optimizers[1], self.critic, micro_batches, r, norm, metrics)
         return metrics.compute(distributed.all_reduce_sum)
 
