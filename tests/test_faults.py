@@ -523,6 +523,25 @@ def test_known_harmless_library_warnings_are_silenced_and_others_kept():
     assert [str(w.message) for w in caught] == [m for m, _, _ in emitted[4:]]
 
 
+def test_lightning_cloud_advertisements_are_dropped_and_other_info_kept(caplog):
+    """Lightning logs a litlogger and a litmodels tip on every run: the CLI drops those two, nothing else."""
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from vrpo_pl.cli import quiet_known_warnings
+
+    quiet_known_warnings()
+    quiet_known_warnings()  # idempotent: one filter
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    assert len(log.filters) == 1
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+        rank_zero_info("💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]")
+        rank_zero_info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+
+
 def test_model_summary_counts_parameters_without_flops(run_cli, tmp_path, monkeypatch):
     """Lightning's summary ends in ``Total FLOPs: 0`` (it measures only an example_input_array RLSystem lacks): the
     command's summary keeps the parameter counts and drops the FLOPs; enable_model_summary false still turns it off."""

@@ -26,6 +26,7 @@ and exit status 2 (:class:`VRPOParser`).
 from __future__ import annotations
 
 import dis
+import logging
 import os
 import sys
 import warnings
@@ -327,12 +328,25 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
+ADVERTISEMENTS = ("💡 Tip: For seamless cloud",)
+"""Starts of Lightning's info lines that advertise its cloud packages (litlogger, litmodels) on every run; they say
+nothing about the run, so the CLI drops them."""
+
+
+def _not_an_advertisement(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(ADVERTISEMENTS)
+
+
 def quiet_known_warnings() -> None:
-    """Installs the filters of :data:`QUIET_WARNINGS` and :data:`HARMLESS_LIBRARY_WARNINGS`."""
+    """Installs the filters of :data:`QUIET_WARNINGS` and :data:`HARMLESS_LIBRARY_WARNINGS`, and drops
+    :data:`ADVERTISEMENTS` from Lightning's info log."""
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     for message, category, module in HARMLESS_LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_an_advertisement not in rank_zero_log.filters:
+        rank_zero_log.addFilter(_not_an_advertisement)
 
 
 def _innermost(traceback: TracebackType | None) -> TracebackType | None:
