@@ -261,3 +261,30 @@ def test_first_update_ratio_is_one_with_shared_old_logprobs(run_cli, read_events
     tolerance = 1e-5 if dtype == "float32" else 1e-3
     assert abs(ratio - 1) < tolerance, ratio
     assert events.Scalars("policy/clipfrac")[0].value == 0.0
+
+
+@pytest.mark.parametrize(("greedy", "temperature", "top_p"), [(True, 1.0, 1.0), (False, 1.0, 1.0), (False, 0.7, 0.9)])
+def test_loop_sampler_prefilling_each_prompt_once_draws_the_same_tokens(models, greedy, temperature, top_p):
+    """PROMPTS x 3 samples, rows shuffled: the loop sampler with its prefill shared draws the tokens (and log-probs)
+    it draws without, and those transformers' generate draws, for a seed; its prefill sees each prompt once."""
+    from vrpo_pl.rollout import GenerationSettings
+    from vrpo_pl.sampling import HFSampler, LoopSampler
+
+    tokenizer, policy, _ = models
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0)).tolist()
+    input_ids, prompt_mask = tokenize_prompts(tokenizer, [prompts[i] for i in order], PromptSettings())
+    out = {}
+    for name, sampler, share in [("shared", LoopSampler(), True), ("plain", LoopSampler(), False),
+                                 ("generate", HFSampler(), False)]:
+        settings = GenerationSettings(max_new_tokens=10, temperature=temperature, top_p=top_p,
+                                      share_prompt_prefill=share)
+        torch.manual_seed(3)
+        with _count_tokens(policy) as seen:
+            out[name] = sampler.sample(policy, input_ids, prompt_mask, settings, tokenizer.eos_token_id,
+                                       tokenizer.pad_token_id, greedy=greedy, with_logprobs=True)
+        if name == "shared":
+            assert seen[0] == len(PROMPTS) * input_ids.shape[1]  # the prefill: each prompt once
+    for name in ("plain", "generate"):
+        assert torch.equal(out["shared"][0], out[name][0]), name
+        assert_close(out["shared"][1], out[name][1], atol=1e-5, rtol=1e-5, msg=name)

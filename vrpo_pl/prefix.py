@@ -1,10 +1,10 @@
 """Shared prompt prefix: a pass over rows that repeat a prompt computes each distinct prompt once.
 
-A rollout batch holds P prompts x G samples, and the G rows of a prompt carry the identical left-padded prompt in
-their first columns (typically 50-70 prompt tokens against 10-16 response tokens). A plain pass computes every
-prompt G times. The shared pass instead
+A rollout batch holds each of its prompts G times (G samples), and the G rows of a prompt carry the identical
+left-padded prompt in their first P columns (typically 50-70 prompt tokens against 10-16 response tokens). A plain
+pass computes every prompt G times. The shared pass instead
 
-1. finds the distinct prompts of the batch (:func:`find_shared_prompts`: ``torch.unique`` over the prompt columns,
+1. finds the distinct prompts of the batch (:func:`distinct_prompts`: ``torch.unique`` over the prompt columns,
    padding marked apart, so it needs no group ids and works on any slice or shuffled micro-batch);
 2. runs the model once per distinct prompt over the prompt without its last token, filling a KV cache;
 3. expands the cache to the batch rows with the inverse index (``DynamicCache.batch_select_indices``: plain
@@ -18,7 +18,8 @@ is the prompt's last position), so :func:`shared_prefix_logits` returns the (B, 
 reads, equal to the plain pass's up to float rounding (tested to 1e-5 in float32, values and LoRA gradients).
 
 A batch with no repeated prompt, or a model that is not a causal decoder (:func:`supports_shared_prefix`: a
-bidirectional encoder's prompt states depend on the response), takes the plain pass.
+bidirectional encoder's prompt states depend on the response), takes the plain pass. The loop sampler prefills
+each distinct prompt once in the same way (:mod:`vrpo_pl.sampling`, ``--model.generation.share_prompt_prefill``).
 Shapes: B rows, U distinct prompts, P prompt columns, A response positions, T = P + A, V vocabulary, H hidden.
 """
 
@@ -39,26 +40,24 @@ class SharedPrompts:
     split: int  # columns [0, split) are computed once per distinct prompt: the prompt without its last column
 
 
-def find_shared_prompts(sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> SharedPrompts | None:
-    """The distinct prompts of a batch, or None when sharing saves nothing.
+def distinct_prompts(sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> tuple[Tensor, Tensor] | None:
+    """The rows that hold each distinct prompt once, and which of them every row holds; None when none repeats.
 
     Args:
-        sequences: (B, T) tokens whose first ``prompt_width`` columns are the left-padded prompts.
+        sequences: (B, T) tokens whose first ``prompt_width`` columns are the left-padded prompts (T >= P).
         attention_mask: (B, T).
         prompt_width: P, the prompt columns.
 
     Returns:
-        :class:`SharedPrompts`, or None when no prompt occurs twice or the prompt is a single column (nothing
-        would be cached).
+        ``(rows, inverse)``: (U,) the first row of each distinct prompt and (B,) indices into ``rows``, so that
+        ``rows[inverse[i]]`` holds row i's prompt; None when all B prompts differ.
 
-    >>> ids = torch.tensor([[0, 5, 6, 9], [0, 5, 6, 8], [7, 5, 6, 9]])
-    >>> s = find_shared_prompts(ids, torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]]), prompt_width=3)
-    >>> s.rows.tolist(), s.inverse.tolist(), s.split
-    ([0, 2], [0, 0, 1], 2)
+    >>> ids = torch.tensor([[0, 5, 6], [0, 5, 6], [7, 5, 6]])
+    >>> rows, inverse = distinct_prompts(ids, torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1]]), prompt_width=3)
+    >>> rows.tolist(), inverse.tolist()
+    ([0, 2], [0, 0, 1])
     """
     batch = sequences.shape[0]
-    if prompt_width < 2 or batch < 2:
-        return None
     # Padding becomes -1, so two prompts match only with the same tokens at the same places.
     keys = torch.where(attention_mask[:, :prompt_width].bool(), sequences[:, :prompt_width], -1)
     distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
@@ -66,8 +65,27 @@ def find_shared_prompts(sequences: Tensor, attention_mask: Tensor, prompt_width:
         return None
     order = torch.arange(batch, device=sequences.device)
     rows = torch.full((distinct.shape[0],), batch, dtype=torch.long, device=sequences.device)
-    rows = rows.scatter_reduce(0, inverse, order, reduce="amin")
-    return SharedPrompts(rows=rows, inverse=inverse, split=prompt_width - 1)
+    return rows.scatter_reduce(0, inverse, order, reduce="amin"), inverse
+
+
+def find_shared_prompts(sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> SharedPrompts | None:
+    """The distinct prompts of a batch for a shared pass, or None when sharing saves nothing.
+
+    Args:
+        sequences: (B, T) tokens whose first ``prompt_width`` columns are the left-padded prompts.
+        attention_mask: (B, T).
+        prompt_width: P, the prompt columns.
+
+    Returns:
+        :class:`SharedPrompts`, or None when no prompt occurs twice (:func:`distinct_prompts`) or the prompt is a
+        single column (nothing would be cached).
+    """
+    if prompt_width < 2 or sequences.shape[0] < 2:
+        return None
+    distinct = distinct_prompts(sequences, attention_mask, prompt_width)
+    if distinct is None:
+        return None
+    return SharedPrompts(rows=distinct[0], inverse=distinct[1], split=prompt_width - 1)
 
 
 def _text_config(model: nn.Module):

@@ -68,6 +68,10 @@ class GenerationSettings:
     ratio noise in the first PPO step. None: on in float32, off in bf16 (weights or autocast), so the first
     update's ratio is 1 within rounding either way. Always off with ``vllm``, whose kernels differ from the
     update's."""
+    share_prompt_prefill: bool = True
+    """``loop`` only: prefill each distinct prompt of the batch once (the G samples of a prompt are G copies of it)
+    and copy its KV cache and last logits to its rows before decoding (:mod:`vrpo_pl.prefix`; our choice). Same
+    tokens for a seed, to float rounding; a batch without a repeated prompt (validation) prefills as before."""
     vllm_kv_cache_gib: float = 2.0
     """``vllm`` only: memory for vLLM's KV cache, in GiB. On CPU it sets ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB,
     rounded up); on a GPU ``kv_cache_memory_bytes``, so that vLLM takes this much beside its copy of the weights and

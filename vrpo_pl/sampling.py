@@ -5,8 +5,9 @@ optionally their log-probs under the distribution they were drawn from; ``update
 of the policy (before the next rollout), for a backend that keeps its own copy of the weights (the in-process ones
 read the policy itself and need nothing). Chosen by ``--model.generation.backend``:
 
-- ``loop`` (default): our decode loop. One prefill pass computes logits at the last prompt position only, the KV
-  cache grows by one position per step, and each step samples straight from its last logits: no logits processors
+- ``loop`` (default): our decode loop. One prefill pass computes logits at the last prompt position only (each
+  distinct prompt once, its cache copied to the G rows that repeat it: ``share_prompt_prefill``), the KV cache grows
+  by one position per step, and each step samples straight from its last logits: no logits processors
   or stopping criteria. Measured on SmolLM2 + LoRA, 32 x 32 tokens, bf16, 2 AMD EPYC cores: within 5% of
   ``generate`` (4.6-5.0 s against 4.8-5.3 s): what a step costs is its small matrix products, not the loop around
   them; a preallocated static cache was slower (5.2-5.3 s). Semantics are those of Hugging Face
@@ -93,6 +94,25 @@ class HFSampler(Sampler):
         return responses, logp
 
 
+def _prefill(policy: nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, cache,
+             share: bool) -> Tensor:
+    """The prompt pass of the decode loop: fills ``cache`` and returns the (B, V) logits at the last position.
+
+    With ``share``, each distinct prompt is computed once and its cache and logits are copied to the rows that hold
+    it (:func:`vrpo_pl.prefix.distinct_prompts`); the cache then holds B rows, as without.
+    """
+    from vrpo_pl.prefix import distinct_prompts
+
+    distinct = distinct_prompts(input_ids, attention_mask, input_ids.shape[1]) if share else None
+    rows = slice(None) if distinct is None else distinct[0]
+    logits = policy(input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=positions[rows],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if distinct is None:
+        return logits
+    cache.batch_select_indices(distinct[1])
+    return logits[distinct[1]]
+
+
 class LoopSampler(Sampler):
     """Our decode loop (see the module docstring)."""
 
@@ -110,8 +130,7 @@ class LoopSampler(Sampler):
         mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
         mask[:, :prompt] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = policy(input_ids=input_ids, attention_mask=mask[:, :prompt], position_ids=positions,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = _prefill(policy, input_ids, mask[:, :prompt], positions, cache, settings.share_prompt_prefill)
         position = positions[:, -1:]
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         tokens, logps = [], []
