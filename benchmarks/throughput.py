@@ -18,14 +18,19 @@ prompts for exactly the same number of new tokens (``min_new_tokens`` = the roll
 passes (policy unless its log-probs come from the sampler, reference, critic, in the same chunks), the same decode +
 reward call, and the same forward/backward passes and optimizer steps of the update (same mini/micro-batch shapes,
 a plain clipped loss, no statistics), back to back. Reported: medians over the measured iterations, ratio = full
-iteration / lower bound (goal <= 1.15).
+iteration / lower bound (goal <= 1.15). With ``--share-prompt-prefix`` (on by default, as in the system) the lower
+bound's frozen and update passes share each slice's prompts as the system's do (its update slices are the rollout's
+rows in order, whole groups, where the system's shuffled mini-batches hold fewer repeats); its ``generate`` prefills
+every row. ``--no-share-prompt-prefix`` measures the plain passes (``benchmarks/prefix_passes.py``: pass by pass).
 
 The compute bound is what the machine's matrix units need for the step's arithmetic: FLOPs counted from the
 token counts of each pass (:func:`step_flops`: 2 x the body's parameters per token of every forward pass, 2 x more
 per token of every trained pass for the activation gradients, 2 x more again without LoRA for the weight
 gradients, the LM head only where logits are computed; attention scores and the tiny LoRA matrices are left out),
 divided by the matrix-multiply peak measured in the same run (:func:`matmul_peak`, fp32 and bf16; the one that
-matches ``--precision``). ``x bound`` = seconds per rollout batch / that time: the figure to drive down.
+matches ``--precision``). ``x bound`` = seconds per rollout batch / that time: the figure to drive down. The
+FLOPs are those of the plain passes (every row computes its prompt): sharing prompts removes some of them, which
+shows as a lower ``x bound``.
 
     python benchmarks/throughput.py                                   # CPU, SmolLM2, base size
     python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --size large --out runs/bench/tp.md
@@ -89,7 +94,9 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
            "--trainer.callbacks", '[{"class_path": "vrpo_pl.callbacks.FrozenLMTargets"}]',
            "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision, "--trainer.devices", "1",
-           "--model.dtype", args.dtype, "--model.generation.backend", backend]
+           "--model.dtype", args.dtype, "--model.generation.backend", backend,
+           "--model.ppo.share_prompt_prefix", str(args.share_prompt_prefix).lower(),
+           "--model.generation.share_prompt_prefill", str(args.share_prompt_prefix).lower()]
     if args.tiny:
         out += ["--data.source.init_args.path", str(REPO_ROOT / "configs" / "data" / "arithmetic.jsonl")]
     if args.tiny and "vllm" in args.backends:  # vLLM's CPU attention needs head_dim 64, not TinyLM's default 16
@@ -236,23 +243,23 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     import torch
 
     from vrpo_pl.rewards.base import Completion
+    from vrpo_pl.rollout import response_logits
 
     policy, critic, r, g = system.policy, system.critic, cap["rollout"], system.generation
     size, num = r.responses.shape
     prompt_ids, prompt_mask = r.sequences[:, : r.prompt_width], r.attention_mask[:, : r.prompt_width]
     eos, pad = system.tokenizer.eos_token_id, system.tokenizer.pad_token_id
     p, times = system.ppo, {}
-
-    def passes(model, sl, **kw):
-        return model(input_ids=r.sequences[sl], attention_mask=r.attention_mask[sl], position_ids=r.position_ids[sl],
-                     use_cache=False, **kw)
+    width = r.prompt_width if p.share_prompt_prefix else None  # the system's shared prompt passes, when on
 
     def logp(model, sl):
-        logits = passes(model, sl, logits_to_keep=num + 1).logits[:, :-1]
+        logits = response_logits(model, r.sequences[sl], r.attention_mask[sl], r.position_ids[sl], num,
+                                 prompt_width=width)
         return torch.log_softmax(logits.float() / g.temperature, -1).gather(-1, r.responses[sl, :, None])[..., 0]
 
     def critic_values(sl, sample=False):
-        return critic(r.sequences[sl], r.attention_mask[sl], r.position_ids[sl], num, sample=sample).values
+        return critic(r.sequences[sl], r.attention_mask[sl], r.position_ids[sl], num, sample=sample,
+                      prompt_width=width).values
 
     @contextmanager
     def timed(name):
@@ -575,6 +582,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
                    help="weights' dtype (--model.dtype; auto: bf16 base weights where the hardware has bf16 units)")
+    p.add_argument("--share-prompt-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="--model.ppo.share_prompt_prefix and --model.generation.share_prompt_prefill (the lower "
+                        "bound's frozen and update passes follow it)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure each row in a fresh process (exact peak RSS on the CPU)")
@@ -621,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU, {args.threads or torch.get_num_threads()} torch threads")
     header = (f"# Throughput: {model} + LoRA r={LORA['r']} (q/k/v/o), B = {args.prompts} x {args.samples} = "
               f"{args.prompts * args.samples} responses, {args.new_tokens} new tokens, {args.epochs} PPO epochs, "
-              f"mini-batch {args.mini_batch}\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
+              f"mini-batch {args.mini_batch}, shared prompt prefix {'on' if args.share_prompt_prefix else 'off'}"
+              f"\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
               f"batches after 1 warm-up. Command: `python benchmarks/throughput.py {' '.join(argv)}`")
     peaks = {name: matmul_peak(name, device="cuda" if args.accelerator in ("gpu", "cuda") else "cpu")
              for name in ("fp32", "bf16")}

@@ -18,7 +18,7 @@ import pytest
 def benchmarks(repo_root):
     """The scripts under benchmarks/ loaded as modules (they are scripts, not a package)."""
     modules = {}
-    for name in ("robustness", "throughput", "peer_trl"):
+    for name in ("robustness", "throughput", "peer_trl", "prefix_passes"):
         spec = importlib.util.spec_from_file_location(f"benchmark_{name}", repo_root / "benchmarks" / f"{name}.py")
         modules[name] = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = modules[name]  # dataclasses look their module up there
@@ -74,6 +74,21 @@ def test_robustness_medium_plans_the_study(benchmarks, capsys, tmp_path):
     held_out = source.validation_records(256)
     assert len({r["prompt"] for r in held_out}) == 256
     assert source.train_record(0, val_size=256, seed=0)["prompt"] not in {r["prompt"] for r in held_out}
+
+
+def test_prefix_passes_tiny_reports_every_pass(benchmarks, tmp_path, single_thread):
+    """The shared-prompt microbenchmark times each pass on and off and counts the tokens fed: with 4 samples per
+    prompt the shared passes feed fewer prompt tokens and the same response tokens."""
+    out = tmp_path / "prefix.md"
+    assert benchmarks["prefix_passes"].main(["--tiny", "--rounds", "1", "--prompts", "2", "--new-tokens", "4",
+                                             "--chunk", "4", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "load average" in text and "/work/scratch/BUSY" in text
+    for name in ("reference", "values", "policy_grad", "critic_grad"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        (shared_prompt, shared_other), (plain_prompt, plain_other) = (map(int, c.split(" + ")) for c in cells[4:6])
+        assert shared_prompt < plain_prompt and shared_other == plain_other, row
 
 
 @pytest.mark.slow

@@ -1,0 +1,218 @@
+"""Shared prompt prefix microbenchmark: seconds of each pass with and without ``--model.ppo.share_prompt_prefix``.
+
+Workload (default): SmolLM2-135M-Instruct (``vrpo_pl.models.SmolLM2``, offline), LoRA r=16 alpha=32 on q/k/v/o for
+the policy and the critic (plain value head; the critic's body on the policy's frozen base tensors, as RLSystem
+builds it), ``--prompts`` 8 prompts of ``configs/data/arithmetic.jsonl`` with the chat template x ``--samples`` 4,
+``--new-tokens`` 16 sampled at temperature 1 by the loop sampler (real, ragged responses). ``--tiny``: TinyLM.
+
+Each pass runs over the rollout in micro-batches of ``--chunk`` rows, trimmed as the system trims them, the same
+rows with sharing on and off:
+
+- ``reference`` (no gradient): the adapter-disabled policy's logits and log-probs, in the rollout's slices (rows in
+  prompt order, what ``score_rollout`` does);
+- ``values`` (no gradient): the critic's values, same slices;
+- ``policy_grad``: the policy's forward + backward of the responses' log-likelihood, over a shuffled mini-batch's
+  micro-batches formed prompt by prompt (what the update does; eager attention with bf16 weights on CPU, as there);
+- ``critic_grad``: the critic's forward + backward of a squared error, same micro-batches.
+
+Rounds alternate on and off (A B A B ...) after one warm-up round of each, so contention drifts over both alike;
+medians are reported with the tokens each pass feeds the model. Before timing it prints the CPU, the load average
+and whether ``/work/scratch/BUSY`` is present (another job on the machine): figures taken under load are contended.
+
+    python benchmarks/prefix_passes.py                       # SmolLM2, 8 x 4, 16 new tokens, micro-batches of 8
+    python benchmarks/prefix_passes.py --chunk 32 --rounds 5 --dtype bfloat16
+    python benchmarks/prefix_passes.py --tiny --rounds 1     # seconds: the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PASSES = ["reference", "values", "policy_grad", "critic_grad"]
+LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+BUSY = Path("/work/scratch/BUSY")
+
+
+def machine_line() -> str:
+    """The CPU model and torch's threads, for the report's header."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def load_line() -> str:
+    """The 1-minute load average and whether ``/work/scratch/BUSY`` (another job running) is present."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    contended = " (contended: load > 1)" if load > 1 else ""
+    return f"load average {load:.2f}{contended}, {BUSY} {'present' if BUSY.exists() else 'absent'}"
+
+
+def build(args: argparse.Namespace):
+    """``(tokenizer, policy, critic, rollout)``: the models as RLSystem builds them and one sampled rollout batch."""
+    import torch
+
+    from vrpo_pl.models import LoRASpec, SmolLM2, TinyLM, build_models
+    from vrpo_pl.rollout import GenerationSettings, PromptSettings, sample_rollout
+    from vrpo_pl.sampling import LoopSampler
+    from vrpo_pl.settings import CriticSettings
+
+    source = TinyLM() if args.tiny else SmolLM2()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    lora = LoRASpec(**LORA)
+    policy, _, critic = build_models(source, dtype, lora, critic=CriticSettings(vib=False, aux="none"),
+                                     critic_lora=lora)
+    tokenizer = source.tokenizer()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lines = (REPO_ROOT / "configs" / "data" / "arithmetic.jsonl").read_text().splitlines()[: args.prompts]
+    prompts = [json.loads(line)["prompt"] for line in lines for _ in range(args.samples)]
+    torch.manual_seed(0)
+    r = sample_rollout(LoopSampler(), policy, tokenizer, prompts, PromptSettings(), GenerationSettings(
+        max_new_tokens=args.new_tokens), torch.device("cpu"))
+    r.group = torch.arange(args.prompts).repeat_interleave(args.samples)
+    return tokenizer, policy, critic, r
+
+
+def micro_batches(r, chunk: int, update: bool) -> list:
+    """The rollout's slices (``update`` False) or a shuffled mini-batch of the whole rollout cut prompt by prompt into
+    micro-batches of ``chunk`` rows (``update`` True), each trimmed (:func:`vrpo_pl.rollout.micro_batch`)."""
+    import torch
+
+    from vrpo_pl.rollout import micro_batch, split_micro_batches
+
+    if not update:
+        return [micro_batch(r, torch.arange(s, min(s + chunk, r.size))) for s in range(0, r.size, chunk)]
+    order = torch.randperm(r.size, generator=torch.Generator().manual_seed(0))
+    return [micro_batch(r, rows) for rows in split_micro_batches(r, order, chunk, None, by_prompt=True)]
+
+
+def run_pass(name: str, policy, critic, r, batches: list, share: bool) -> None:
+    """One pass ``name`` over ``batches``, with sharing on or off."""
+    import torch
+
+    from vrpo_pl.models import training_attention
+    from vrpo_pl.rollout import response_logits, response_logprobs
+
+    for b in batches:
+        width = b.prompt_width if share else None
+        args = (b.sequences, b.attention_mask, b.position_ids, b.width)
+        if name == "reference":
+            with torch.no_grad(), policy.disable_adapter():
+                response_logprobs(response_logits(policy, *args, prompt_width=width), b.take(r.responses))
+        elif name == "values":
+            with torch.no_grad():
+                critic(*args, prompt_width=width)
+        elif name == "policy_grad":
+            with training_attention(policy):
+                logp = response_logprobs(response_logits(policy, *args, prompt_width=width), b.take(r.responses))
+                (logp * b.take(r.mask)).sum().backward()
+        else:
+            with training_attention(critic):
+                values = critic(*args, prompt_width=width).values
+                ((values - 1.0) ** 2 * b.take(r.mask)).sum().backward()
+    for model in (policy, critic):
+        model.zero_grad(set_to_none=True)
+
+
+def fed_tokens(batches: list, share: bool) -> tuple[int, int]:
+    """``(prompt, other)`` tokens the model is fed over ``batches`` (padding included, as the passes compute it)."""
+    from vrpo_pl.prefix import find_shared_prompts
+
+    prompt = other = 0
+    for b in batches:
+        shared = find_shared_prompts(b.sequences, b.attention_mask, b.prompt_width) if share else None
+        if shared is None:
+            prompt, other = prompt + b.sequences.shape[0] * b.prompt_width, other + b.sequences.shape[0] * b.width
+        else:
+            prompt += len(shared.rows) * shared.split
+            other += b.sequences.shape[0] * (b.sequences.shape[1] - 1 - shared.split)
+    return prompt, other
+
+
+def measure(policy, critic, r, chunk: int, rounds: int) -> dict[str, dict[bool, list[float]]]:
+    """Seconds of each pass per round, sharing on and off alternately, after one warm-up round of each."""
+    times: dict[str, dict[bool, list[float]]] = {name: {True: [], False: []} for name in PASSES}
+    for name in PASSES:
+        batches = micro_batches(r, chunk, update=name.endswith("_grad"))
+        for round_ in range(rounds + 1):
+            for share in (True, False) if round_ % 2 == 0 else (False, True):
+                start = time.perf_counter()
+                run_pass(name, policy, critic, r, batches, share)
+                if round_ > 0:
+                    times[name][share].append(time.perf_counter() - start)
+        print(f"{name}: shared {times[name][True]}, plain {times[name][False]} s ({load_line()})", flush=True)
+    return times
+
+
+def report(times: dict, r, chunk: int, args: argparse.Namespace, header: str) -> str:
+    """A Markdown table: per pass, median seconds on and off, the speed-up, and the tokens fed."""
+    prompt_lengths = r.attention_mask[:, : r.prompt_width].sum(1).float()
+    response_lengths = r.mask.sum(1)
+    lines = [
+        f"# Shared prompt prefix: {'TinyLM' if args.tiny else 'SmolLM2-135M-Instruct'} + LoRA r=16, {args.dtype}",
+        "",
+        f"- {header}",
+        f"- {args.prompts} prompts x {args.samples} samples, {args.new_tokens} new tokens; prompts "
+        f"{prompt_lengths.mean():.1f} tokens on average (width {r.prompt_width}), responses "
+        f"{response_lengths.mean():.1f} (longest {r.responses.shape[1]}); micro-batches of {chunk} rows; median of "
+        f"{args.rounds} alternating rounds",
+        "",
+        "| pass | shared (s) | plain (s) | speed-up | prompt + other tokens fed, shared | plain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in PASSES:
+        on, off = (statistics.median(times[name][s]) for s in (True, False))
+        batches = micro_batches(r, chunk, update=name.endswith("_grad"))
+        fed_on, fed_off = fed_tokens(batches, True), fed_tokens(batches, False)
+        lines.append(f"| {name} | {on:.3f} | {off:.3f} | {off / on:.2f}x | {fed_on[0]} + {fed_on[1]} | "
+                     f"{fed_off[0]} + {fed_off[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="TinyLM instead of SmolLM2-135M-Instruct")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--samples", type=int, default=4, help="samples per prompt (G)")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=8, help="rows per micro-batch (the base workload's mini-batch)")
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds of each setting (after one warm-up)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, policy, critic, r = build(args)
+    before = load_line()
+    print(f"timing on {machine_line()}, {before}", flush=True)
+    times = measure(policy, critic, r, args.chunk, args.rounds)
+    text = report(times, r, args.chunk, args, f"{machine_line()}; before timing: {before}; after: {load_line()}")
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
