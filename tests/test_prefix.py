@@ -248,6 +248,18 @@ def test_micro_batches_sharing_prompts_accumulate_to_the_mini_batch_update(run_c
     assert diff < 1e-4, f"{worst} differs by {diff} between micro-batches of 1 and 4"
 
 
+def test_fsdp2_takes_the_plain_passes(run_cli, tmp_path, monkeypatch):
+    """Under FSDP2 (a device mesh) every pass is plain: a shared pass makes two sharded calls, a plain one one, and
+    ranks must make the same calls; without a mesh the setting decides."""
+    system = run_cli(tmp_path, run=False).model
+    assert system.shares_prompts
+    monkeypatch.setattr(system, "_device_mesh", object())
+    assert not system.shares_prompts
+    monkeypatch.setattr(system, "_device_mesh", None)
+    monkeypatch.setattr(system.ppo, "share_prompt_prefix", False)
+    assert not system.shares_prompts
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_first_update_ratio_is_one_with_shared_old_logprobs(run_cli, read_events, tmp_path, dtype):
     """Old log-probs from the shared rollout pass (not the sampler's), the update's micro-batches sharing too: the

@@ -43,7 +43,8 @@ class PPOSettings:
     policy, reference and critic passes and to the update's policy and critic losses, within each slice or
     micro-batch; micro-batches are then formed prompt by prompt within their mini-batch (the same update, fewer
     prompt tokens). Equal to the plain passes up to float rounding; a micro-batch without a repeated prompt, or a
-    model that is no causal decoder, takes the plain pass. False: every row computes its own prompt."""
+    model that is no causal decoder, takes the plain pass, and so does every pass under FSDP2 (whose sharded calls
+    must match across ranks). False: every row computes its own prompt."""
     clip_eps: float = 0.2
     """Policy ratio clip range epsilon (Schulman et al. 2017)."""
     value_clip: float | None = 0.2

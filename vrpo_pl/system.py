@@ -197,6 +197,13 @@ class RLSystem(pl.LightningModule):
         return self.model_dtype == torch.float32 and not precision.startswith("bf16")
 
     @property
+    def shares_prompts(self) -> bool:
+        """``--model.ppo.share_prompt_prefix``, except under FSDP2: a shared pass calls the model twice and a plain
+        one once, and a sharded model's every call is a collective that all ranks must make alike (ranks whose
+        micro-batches differ in repeated prompts would wait on each other)."""
+        return self.ppo.share_prompt_prefix and self.device_mesh is None
+
+    @property
     def phase_seconds(self) -> dict[str, float]:
         """Seconds of each phase of the last training step (``rollout``, ``generation``, ``score``, ``update``,
         ``update_policy``, ``update_critic``)."""
@@ -331,7 +338,7 @@ class RLSystem(pl.LightningModule):
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else None
         score_rollout(rollout, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
                       chunk=self.ppo.micro_batch_size or self.ppo.mini_batch_size, guide=guide,
-                      share_prefix=self.ppo.share_prompt_prefix)
+                      share_prefix=self.shares_prompts)
         if rollout.guide_raw is not None:
             targets = self.guide_callback.finalize(rollout.guide_raw, rollout.mask)
             rollout.guide_targets, rollout.key = targets.standardized, targets.key
@@ -387,7 +394,7 @@ class RLSystem(pl.LightningModule):
                     idx = order[start : start + mini]
                     norm = distributed.loss_normalizers(r.mask[idx], self.trainer.world_size)
                     micro_batches = split_micro_batches(r, idx, micro, self.ppo.max_tokens_per_micro_batch,
-                                                        by_prompt=self.ppo.share_prompt_prefix)
+                                                        by_prompt=self.shares_prompts)
                     if train_policy and epoch < self.ppo.epochs:
                         self._optimizer_step("policy", optimizers[0], self.policy, micro_batches, r, norm, metrics)
                     if self.critic is not None and epoch < critic_epochs:
@@ -475,8 +482,8 @@ class RLSystem(pl.LightningModule):
         return b, loss, stats, correlations
 
     def _shared_prompt_width(self, b: MicroBatch) -> int | None:
-        """The micro-batch's prompt width when its passes share prompts (``--model.ppo.share_prompt_prefix``)."""
-        return b.prompt_width if self.ppo.share_prompt_prefix else None
+        """The micro-batch's prompt width when its passes share prompts (:attr:`shares_prompts`)."""
+        return b.prompt_width if self.shares_prompts else None
 
     def _vib_generator(self) -> torch.Generator:
         """The VIB's sampling generator, created on the training device at first use (seed + 1)."""
@@ -521,7 +528,7 @@ class RLSystem(pl.LightningModule):
         r, gold, _ = self._greedy(batch, "the key-token view's validation prompts")
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else reference_guide
         score_rollout(r, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
-                      chunk=r.size, guide=guide, share_prefix=self.ppo.share_prompt_prefix)
+                      chunk=r.size, guide=guide, share_prefix=self.shares_prompts)
         gold = torch.zeros(r.size, device=self.device) if gold is None else gold
         advantages = None
         if r.values is not None:
