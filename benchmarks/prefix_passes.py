@@ -18,6 +18,10 @@ rows with sharing on and off:
 Rounds alternate on and off (A B A B ...) after one warm-up round of each, so contention drifts over both alike;
 medians are reported with the tokens each pass feeds the model. Before timing it prints the CPU, the load average
 and whether ``/work/scratch/BUSY`` is present (another job on the machine): figures taken under load are contended.
+On a loaded 2-core machine use ``--threads 1``: with torch's 2 threads every small operator waits for the busy core
+(measured: ~5 ms per elementwise op instead of ~50 us), so the shared pass, which calls the model twice, measured
+slower than the plain one (16.7 s against 10.8 s for one micro-batch) while with 1 thread it was faster (1.6 s
+against 2.7 s).
 
     python benchmarks/prefix_passes.py                       # SmolLM2, 8 x 4, 16 new tokens, micro-batches of 8
     python benchmarks/prefix_passes.py --chunk 32 --rounds 5 --dtype bfloat16
