@@ -204,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
+    start = load_line()  # before this process adds its own threads to the load average
     if args.threads:
         torch.set_num_threads(args.threads)
     _, policy, critic, r = build(args)
-    before = load_line()
-    print(f"timing on {machine_line()}, {before}", flush=True)
+    print(f"timing on {machine_line()}; at start: {start}", flush=True)
     times = measure(policy, critic, r, args.chunk, args.rounds)
-    text = report(times, r, args.chunk, args, f"{machine_line()}; before timing: {before}; after: {load_line()}")
+    text = report(times, r, args.chunk, args, f"{machine_line()}; at start (before this process): {start}; after "
+                  f"timing (with its own threads): {load_line()}")
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
