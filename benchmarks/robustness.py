@@ -252,30 +252,32 @@ def _finished(scalars: dict[str, list[tuple[int, float]]], max_steps: int) -> bo
     return any(step == max_steps for step, _ in scalars.get("val/accuracy", []))
 
 
-def has_record(run: Run, max_steps: int) -> bool:
-    """Whether ``run``'s ledger record exists and holds the final validation."""
+def recorded(run: Run, max_steps: int):
+    """``run``'s ledger record as a :class:`vrpo_pl.study.RunResult` if it exists and holds the final validation,
+    else None."""
     if run.record is None or not run.record.exists():
-        return False
+        return None
     from vrpo_pl.study import load_result
 
-    return _finished(load_result(run.record).scalars, max_steps)
+    result = load_result(run.record)
+    return result if _finished(result.scalars, max_steps) else None
 
 
 def is_complete(run: Run, max_steps: int) -> bool:
     """Whether the run logged its final validation (``val/accuracy`` at step ``max_steps``), in its directory's
     events or in its ledger record."""
-    return has_record(run, max_steps) or _finished(read_scalars(run.dir), max_steps)
+    return recorded(run, max_steps) is not None or _finished(read_scalars(run.dir), max_steps)
 
 
 def machine() -> dict:
     """Where a run ran: the CPU's model name, whether it has bf16 matrix units, torch and the commit."""
+    import torch
+
     from vrpo_pl.models import cpu_has_bf16
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    import torch
-
     return {"cpu": cpu, "cpu_bf16": cpu_has_bf16(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "commit": commit.stdout.strip() or "unknown", "date": time.strftime("%Y-%m-%d")}
 
@@ -294,7 +296,7 @@ def write_record(run: Run, seconds: float | None) -> None:
 
 def execute(run: Run, max_steps: int, threads: int | None) -> tuple[Run, str]:
     """Runs one training subprocess unless already complete; returns (run, 'done'|'skipped'|'failed ...')."""
-    if has_record(run, max_steps):
+    if recorded(run, max_steps) is not None:
         return run, "skipped (recorded)"
     if _finished(read_scalars(run.dir), max_steps):
         write_record(run, None)
@@ -324,18 +326,15 @@ def execute(run: Run, max_steps: int, threads: int | None) -> tuple[Run, str]:
 def collect(runs: list[Run], max_steps: int) -> dict[tuple[str, str], list]:
     """The complete runs read back (:class:`vrpo_pl.study.RunResult`), grouped by (algorithm, noise): from the
     ledger record where there is one, else from the run directory."""
-    from vrpo_pl.study import load_result, read_run
+    from vrpo_pl.study import read_run
 
     results: dict[tuple[str, str], list] = {}
     for run in runs:
         results.setdefault((run.algorithm, run.noise), [])
-        if has_record(run, max_steps):
-            result = load_result(run.record)
-        elif _finished(read_scalars(run.dir), max_steps):
+        result = recorded(run, max_steps)
+        if result is None and _finished(read_scalars(run.dir), max_steps):
             result = read_run(run.dir, run.algorithm, run.noise, run.seed)
-        else:
-            continue
-        if result.outcomes:
+        if result is not None and result.outcomes:
             results[(run.algorithm, run.noise)].append(result)
     return results
 
