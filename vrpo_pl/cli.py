@@ -311,12 +311,14 @@ QUIET_WARNINGS = (
 # - Lightning's own pytree helper still builds torch's deprecated LeafSpec (torch >= 2.10 warns on it);
 # - our training stream is an IterableDataset with a __len__ and always num_workers=0 (the warning is about
 #   duplicates across several workers);
-# - LightningCLI calls jsonargparse APIs that jsonargparse 4.49+ deprecates (add_instantiator, ...).
+# - LightningCLI calls jsonargparse APIs that jsonargparse 4.49+ deprecates (add_instantiator, ...);
+# - peft's get_peft_model reads transformers' deprecated ``is_gradient_checkpointing`` property (transformers 5.2x).
 HARMLESS_LIBRARY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, ""),
     (r"Your `IterableDataset` has `__len__` defined", UserWarning, ""),
     (r"\s*By\s+default\s+only\s+one\s+JsonargparseDeprecationWarning", DeprecationWarning, r"lightning\.pytorch\.cli"),
     (r"[\s\S]*\swas\s+deprecated\s+in\s+v4\.", DeprecationWarning, r"lightning\.pytorch\.cli"),
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
 )
 
 DEBUG_ENV = "VRPO_DEBUG"
