@@ -277,7 +277,7 @@ def test_kl_controller_rejects_bad_settings(bad):
 def test_critic_epochs_and_warmup_schedule_the_optimizer_steps(run_cli, tmp_path):
     """Three rollout batches, one policy epoch, three critic epochs, the first rollout critic-only: the critic
     steps 3 x mini-batches per rollout, the policy 1 x mini-batches from the second rollout on."""
-    from vrpo_pl.system import RLSystem
+    from vrpo_pl.update import PPOUpdate
 
     cli = run_cli(tmp_path, "--model.ppo.epochs", "1", "--model.ppo.critic_epochs", "3",
                   "--model.ppo.critic_warmup_rollouts", "1", max_steps=3, run=False)
@@ -285,13 +285,13 @@ def test_critic_epochs_and_warmup_schedule_the_optimizer_steps(run_cli, tmp_path
     rollout_size = cli.datamodule.prompts_per_rollout * cli.datamodule.samples_per_prompt
     minis = rollout_size // model.ppo.mini_batch_size
     steps: list[tuple[int, str]] = []
-    original = RLSystem._optimizer_step
+    original = PPOUpdate.optimizer_step
 
     def counted(self, name, *args, **kwargs):
         steps.append((self.rollouts, name))
         return original(self, name, *args, **kwargs)
 
-    with mock.patch.object(RLSystem, "_optimizer_step", counted):
+    with mock.patch.object(PPOUpdate, "optimizer_step", counted):
         cli.trainer.fit(model, datamodule=cli.datamodule)
     rollouts = sorted({k for k, _ in steps})
     assert len(rollouts) == 3

@@ -9,8 +9,8 @@ One ``training_step`` consumes one rollout batch and runs, in order:
 3. shape: the KL penalty, per token in the reward (PPO/VRPO) or in the loss (GRPO);
 4. advantages: GAE + whitening (PPO/VRPO) or group normalization (GRPO) (:mod:`vrpo_pl.advantages`);
 5. update: PPO epochs over shuffled mini-batches, the policy and the critic with their own optimizers, gradient
-   accumulation over micro-batches, gradient averaging over ranks and clipping (:mod:`vrpo_pl.losses`,
-   :mod:`vrpo_pl.distributed`);
+   accumulation over micro-batches, gradient averaging over ranks and clipping (:mod:`vrpo_pl.update`, with
+   :mod:`vrpo_pl.losses` and :mod:`vrpo_pl.distributed`);
 6. log: the metrics, each reduced as it declares (:mod:`vrpo_pl.metrics`), at step = rollout batches done.
 
 How VRPO departs from PPO (Zhu et al., arXiv 2508.03058): only the critic changes. Its head is a variational
@@ -44,9 +44,8 @@ from vrpo_pl import checkpoint, distributed
 from vrpo_pl import losses as L
 from vrpo_pl.advantages import RunningMoments, compute_advantages, masked_mean, transform_scores
 from vrpo_pl.critic import ValueModel
-from vrpo_pl.logprobs import logprobs_and_entropy
-from vrpo_pl.metrics import MetricAccumulator, PhaseTimer, rollout_metrics
-from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, resolve_dtype, torch_dtype, training_attention
+from vrpo_pl.metrics import PhaseTimer, rollout_metrics
+from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, resolve_dtype, torch_dtype
 from vrpo_pl.rewards.base import (
     RewardError,
     RewardFunction,
@@ -57,16 +56,12 @@ from vrpo_pl.rewards.base import (
 )
 from vrpo_pl.rollout import (
     GenerationSettings,
-    MicroBatch,
     PromptSettings,
     Rollout,
     decode_completions,
-    micro_batch,
     reference_guide,
-    response_logits,
     sample_rollout,
     score_rollout,
-    split_micro_batches,
 )
 from vrpo_pl.sampling import make_sampler
 from vrpo_pl.settings import (
@@ -79,6 +74,7 @@ from vrpo_pl.settings import (
     check_batch_geometry,
     resolve_algorithm_defaults,
 )
+from vrpo_pl.update import PPOUpdate
 
 Algorithm = Literal["ppo", "grpo", "vrpo"]
 
@@ -379,123 +375,24 @@ class RLSystem(pl.LightningModule):
 
     # ----------------------------------------------------------------- update
     def _ppo_update(self, r: Rollout) -> dict[str, float]:
-        """PPO epochs over shuffled mini-batches; returns the update's metrics over every step and rank."""
+        """Phase 5 (:class:`vrpo_pl.update.PPOUpdate`) on this system's models, settings and update state."""
         optimizers = self.optimizers(use_pl_optimizer=True)
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        train_policy = self.rollouts >= self.ppo.critic_warmup_rollouts
-        metrics = MetricAccumulator(self.device)
-        mini = self.ppo.mini_batch_size
-        micro = self.ppo.micro_batch_size or mini
-        critic_epochs = self.ppo.critic_epochs or self.ppo.epochs
-        with distributed.no_ddp_sync(self.trainer.model), training_attention(self.policy, self.critic):
-            for epoch in range(max(self.ppo.epochs, critic_epochs if self.critic is not None else 0)):
-                order = torch.randperm(r.size, generator=self._shuffle_gen).to(self.device)
-                for start in range(0, r.size, mini):
-                    idx = order[start : start + mini]
-                    norm = distributed.loss_normalizers(r.mask[idx], self.trainer.world_size)
-                    micro_batches = split_micro_batches(r, idx, micro, self.ppo.max_tokens_per_micro_batch,
-                                                        by_prompt=self.shares_prompts)
-                    if train_policy and epoch < self.ppo.epochs:
-                        self._optimizer_step("policy", optimizers[0], self.policy, micro_batches, r, norm, metrics)
-                    if self.critic is not None and epoch < critic_epochs:
-                        self._optimizer_step("critic", optimizers[1], self.critic, micro_batches, r, norm, metrics)
-        return metrics.compute(distributed.all_reduce_sum)
-
-    def _optimizer_step(self, name: str, optimizer, model, micro_batches, r: Rollout, norm,
-                        metrics: MetricAccumulator) -> None:
-        """One optimizer step of the policy or the critic: accumulate over micro-batches, average over ranks, clip,
-        step; a non-finite loss or gradient on any rank skips the step everywhere (counted, and fatal in a row)."""
-        loss_fn = self._policy_loss if name == "policy" else self._critic_loss
-        if name == "critic" and self.critic_settings.vib:
-            # The VIB's draws for every row of the rollout, once per optimizer step: the same update however the
-            # mini-batch is split into micro-batches.
-            shape = (*r.mask.shape, self.critic_settings.latent_dim)
-            self._vib_noise = torch.randn(shape, generator=self._vib_generator(), device=self.device)
-        finite = True
-        with self.timer(f"update_{name}"):
-            for rows in micro_batches:
-                b, loss, stats, correlations = loss_fn(r, rows, norm)
-                ok = bool(torch.isfinite(loss))
-                finite = finite and ok
-                # Backward runs even on a non-finite loss: under FSDP every rank must run the same number of
-                # (collective) backward passes. The step is skipped below instead.
-                self.manual_backward(loss)
-                mask = b.take(r.mask) if ok else torch.zeros_like(b.take(r.mask))  # non-finite: registers, adds 0
-                for key, value in stats.items():
-                    metrics.token_mean(key, value if ok else torch.zeros_like(value), mask)
-                for key, (x, y) in correlations.items():
-                    metrics.correlation(key, x if ok else x[:0], y if ok else y[:0])
-            params = [p for p in model.parameters() if p.requires_grad]
-            # Every rank must take the same branch: the gradient all-reduce below is collective.
-            finite = bool(distributed.all_reduce_sum(torch.tensor(float(not finite), device=self.device)) == 0)
-            grad_norm = torch.zeros((), device=self.device)
-            if finite:
-                distributed.average_gradients(self.trainer.model, params)
-                max_norm = self.optim.policy_max_grad_norm if name == "policy" else self.optim.critic_max_grad_norm
-                grad_norm = distributed.clip_grad_norm(params, max_norm)
-                finite = bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.optimizer.step()
-                self._nonfinite_in_row[name] = 0
-            optimizer.optimizer.zero_grad(set_to_none=True)
-        metrics.step_mean(f"{'policy' if name == 'policy' else 'value'}/grad_norm", grad_norm if finite else 0.0,
-                          steps=float(finite))
-        metrics.sum("train/skipped_updates", float(not finite))
-        if not finite:
-            self._count_nonfinite(name)
-
-    def _count_nonfinite(self, name: str) -> None:
-        # Counted per model: a finite critic step in between must not hide a policy that keeps failing.
-        self._nonfinite_in_row[name] += 1
-        self.print(f"warning: non-finite {name} loss or gradient at rollout {self.rollouts}; step skipped")
-        if self._nonfinite_in_row[name] >= self.ppo.max_nonfinite_updates:
-            raise RuntimeError(
-                f"{self._nonfinite_in_row[name]} non-finite updates in a row ({name}) at rollout batch "
-                f"{self.rollouts}; stopping. Lower the learning rates, check the reward's scale, or raise "
-                "--model.ppo.max_nonfinite_updates. Checkpoints already written are intact."
-            )
-
-    def _policy_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
-        b = micro_batch(r, rows)
-        logits = response_logits(self.policy, b.sequences, b.attention_mask, b.position_ids, b.width,
-                                 prompt_width=self._shared_prompt_width(b))
-        logp, entropy = logprobs_and_entropy(logits, b.take(r.responses), self.generation.temperature,
-                                               entropy_grad=self.ppo.entropy_coef > 0)
-        loss, stats = L.policy_objective(
-            logp, entropy, b.take(r.logp), b.take(r.advantages), b.take(r.mask), clip_eps=self.ppo.clip_eps,
-            entropy_coef=self.ppo.entropy_coef, ref_logp=b.take(r.ref_logp) if self.kl.placement == "loss" else None,
-            kl_coef=self.kl_coef, kl_estimator=self.kl.estimator, aggregation=self.ppo.loss_aggregation, **norm)
-        return b, loss, stats, {}
-
-    def _critic_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
-        c, b = self.critic_settings, micro_batch(r, rows)
-        out = self.critic(b.sequences, b.attention_mask, b.position_ids, b.width, sample=bool(c.vib),
-                          noise=None if self._vib_noise is None else b.take(self._vib_noise),
-                          prompt_width=self._shared_prompt_width(b))
-        unit = self.critic.head.normalize  # the regression's units (standardized returns with normalize_values)
-        loss, stats, correlations = L.critic_objective(
-            unit(out.values), unit(b.take(r.values)), unit(b.take(r.returns)), b.take(r.mask),
-            value_clip=self.ppo.value_clip, mu=out.mu, logvar=out.logvar, beta=self._beta(), aux=c.aux,
-            aux_predictions=out.aux, aux_targets=None if r.guide_targets is None else b.take(r.guide_targets),
-            aux_coef=c.aux_coef, key=None if r.key is None else b.take(r.key), key_alpha=c.key_alpha,
-            aux_key_only=c.aux_key_only, aggregation=self.ppo.loss_aggregation, **norm)
-        return b, loss, stats, correlations
-
-    def _shared_prompt_width(self, b: MicroBatch) -> int | None:
-        """The micro-batch's prompt width when its passes share prompts (:attr:`shares_prompts`)."""
-        return b.prompt_width if self.shares_prompts else None
+        vib = self.critic is not None and bool(self.critic_settings.vib)
+        update = PPOUpdate(
+            self.policy, self.critic, [o.optimizer for o in optimizers], self.ppo, self.optim, self.kl,
+            self.critic_settings, temperature=self.generation.temperature, kl_coef=self.kl_coef,
+            rollouts=self.rollouts, shares_prompts=self.shares_prompts, shuffle_gen=self._shuffle_gen,
+            vib_gen=self._vib_generator() if vib else None, nonfinite_in_row=self._nonfinite_in_row,
+            wrapped_model=self.trainer.model, world_size=self.trainer.world_size, device=self.device,
+            backward=self.manual_backward, timer=self.timer, warn=self.print)
+        return update.run(r)
 
     def _vib_generator(self) -> torch.Generator:
         """The VIB's sampling generator, created on the training device at first use (seed + 1)."""
         if self._vib_gen is None or self._vib_gen.device != self.device:
             self._vib_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         return self._vib_gen
-
-    def _beta(self) -> float:
-        c = self.critic_settings
-        if c.beta_warmup_rollouts <= 0:
-            return c.beta
-        return c.beta * min(1.0, self.rollouts / c.beta_warmup_rollouts)
 
     # ---------------------------------------------------------------- metrics
     def _remember_samples(self, batch, texts, r: Rollout, train: Tensor, gold: Tensor | None, n: int = 8) -> None:
