@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from vrpo_pl import checkpoint, distributed
+from vrpo_pl import checkpoint, distributed, validation
 from vrpo_pl import losses as L
 from vrpo_pl.advantages import RunningMoments, compute_advantages, masked_mean, transform_scores
 from vrpo_pl.critic import ValueModel
@@ -416,41 +416,21 @@ class RLSystem(pl.LightningModule):
 
     @torch.no_grad()
     def token_view(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        """Per-token quantities of greedy responses, for the key-token view (``KeyTokenView`` callback).
-
-        Returns one dict per prompt: prompt, tokens (decoded one by one), gold reward, and per-token lists of
-        advantage (GAE against the gold reward with the KL penalty, not whitened; None without a critic), value
-        (None without a critic), guide entropy and surprisal.
-        """
+        """Per-token quantities of greedy responses, for the key-token view (``KeyTokenView`` callback); the
+        records are :func:`vrpo_pl.validation.token_view`'s."""
         r, gold, _ = self._greedy(batch, "the key-token view's validation prompts")
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else reference_guide
         score_rollout(r, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
                       chunk=r.size, guide=guide, share_prefix=self.shares_prompts)
-        gold = torch.zeros(r.size, device=self.device) if gold is None else gold
-        advantages = None
-        if r.values is not None:
-            kl = L.kl_estimate(r.logp, r.ref_logp, self.kl.estimator) * r.mask
-            advantages, _ = compute_advantages("gae", gold, kl, r.mask, kl_coef=self.kl_coef, values=r.values,
-                                               gamma=self.ppo.gamma, lam=self.ppo.lam, whiten=False)
-        views = []
-        for i, n in enumerate(r.mask.sum(1).long().tolist()):
-            views.append({
-                "prompt": batch["prompt"][i], "gold": float(gold[i]),
-                "tokens": [self.tokenizer.decode([t]) for t in r.responses[i, :n].tolist()],
-                "advantage": None if advantages is None else advantages[i, :n].tolist(),
-                "value": None if r.values is None else r.values[i, :n].tolist(),
-                "entropy": r.guide_raw[i, :n, 0].tolist(), "surprisal": r.guide_raw[i, :n, 1].tolist(),
-            })
-        return views
+        return validation.token_view(r, gold, batch["prompt"], self.tokenizer, kl_estimator=self.kl.estimator,
+                                     kl_coef=self.kl_coef, gamma=self.ppo.gamma, lam=self.ppo.lam)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         r, gold, texts = self._greedy(batch, f"a validation batch after rollout batch {self.rollouts}")
         if gold is not None:
             self.val_accuracy.update(gold)
-        lengths = r.mask.sum(1)
-        self.val_length.update(lengths.float())
-        self._val_outcomes += [{"id": batch["id"][i], "gold": None if gold is None else float(gold[i]),
-                                "length": int(lengths[i]), "response": texts[i]} for i in range(r.size)]
+        self.val_length.update(r.mask.sum(1).float())
+        self._val_outcomes += validation.outcome_records(batch, r, gold, texts)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._compute_val_metrics()
@@ -460,11 +440,7 @@ class RLSystem(pl.LightningModule):
 
     def _compute_val_metrics(self) -> dict[str, float]:
         """Reduces the validation metrics over batches and ranks, then resets them."""
-        metrics = {"val/response_length": float(self.val_length.compute())}
-        if self.val_accuracy.update_count:
-            metrics["val/accuracy"] = float(self.val_accuracy.compute())
-        self.val_accuracy.reset()
-        self.val_length.reset()
+        metrics = validation.reduce_metrics(self.val_accuracy, self.val_length)
         self.last_validation = {"rollout": self.rollouts, "outcomes": self._val_outcomes}
         self._val_outcomes = []
         return metrics
