@@ -12,9 +12,10 @@ the data module's stream position, the callbacks' states (KL controller, guide r
 ``vrpo`` section with the rollout counter, KL coefficient, running reward statistics, the reward function's and
 the update's random generators, the global torch RNG and a fingerprint of the configuration.
 
-The ``vrpo`` section's pieces live here: :func:`rng_states` / :func:`restore_rng_states` (torch, CUDA, Python,
-NumPy) and :func:`config_fingerprint` / :func:`check_fingerprint` (what a checkpoint's weights must agree with, and
-the message that refuses one that does not).
+The ``vrpo`` section's pieces live here: :func:`rl_section` / :func:`restore_rl_section` (the section itself),
+:func:`rng_states` / :func:`restore_rng_states` (torch, CUDA, Python, NumPy) and :func:`config_fingerprint` /
+:func:`check_fingerprint` (what a checkpoint's weights must agree with, and the message that refuses one that does
+not); :func:`trainable_entries` is the part of the weights a checkpoint keeps.
 
 FSDP2's sharded checkpoint directories (``FSDP2Strategy(save_distributed_checkpoint=True)``) do not go through a
 ``CheckpointIO``: every rank writes its shard into a temporary sibling directory (:func:`staging_directory`), and
@@ -35,12 +36,16 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+if TYPE_CHECKING:
+    from vrpo_pl.advantages import RunningMoments
+    from vrpo_pl.rewards.base import RewardFunction
 
 _TMP_SUFFIX = ".vrpo-tmp"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -315,3 +320,79 @@ def check_fingerprint(expected: dict[str, Any], found: dict[str, Any], where: st
             f"model, LoRA or critic head differ): {changes}. Resume with the configuration it was written with (its "
             "config.yaml beside the logs), or start a new run without --ckpt_path."
         )
+
+
+def trainable_entries(state_dict: dict[str, Any], module: torch.nn.Module) -> dict[str, Any]:
+    """The weights a checkpoint keeps: ``module``'s trainable parameters and its value head's buffers (the return
+    statistics, ``critic.head.*``). Frozen weights are rebuilt from their sources when the checkpoint is loaded."""
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    head_buffers = {n for n, _ in module.named_buffers() if n.startswith("critic.head")}
+    return {k: v for k, v in state_dict.items() if k in trainable or k in head_buffers}
+
+
+def rl_section(*, rollouts: int, kl_coef: float, reward_moments: RunningMoments, reward: RewardFunction,
+               shuffle_gen: torch.Generator, vib_gen: torch.Generator | None, nonfinite_in_row: dict[str, int],
+               fingerprint: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A checkpoint's ``vrpo`` section: the RL state that resume restores (:func:`restore_rl_section`) beside the
+    weights.
+
+    Args:
+        rollouts: rollout batches done.
+        kl_coef: the KL coefficient now (the KL controller may have moved it).
+        reward_moments: the training reward's running statistics (``--model.rewards.normalize``).
+        reward: the reward function, whose state is its noise generator.
+        shuffle_gen: the update's mini-batch shuffling.
+        vib_gen: the VIB's sampling (None before its first use or without a VIB).
+        nonfinite_in_row: skipped steps in a row per model, and skipped rollout batches (``reward``).
+        fingerprint: :func:`config_fingerprint` of the configuration.
+        device: the training device, for the CUDA RNG (:func:`rng_states`).
+    """
+    return {
+        "rollouts": rollouts, "kl_coef": kl_coef, "reward_moments": reward_moments.state_dict(),
+        "reward_fn": reward.state_dict(), "shuffle_gen": shuffle_gen.get_state(),
+        "vib_gen": None if vib_gen is None else vib_gen.get_state(),
+        "nonfinite_in_row": dict(nonfinite_in_row), "fingerprint": fingerprint, **rng_states(device),
+    }
+
+
+class RestoredCounters(NamedTuple):
+    """The plain values of a ``vrpo`` section, for the system to take back (:func:`restore_rl_section`)."""
+
+    rollouts: int
+    kl_coef: float
+    vib_gen: torch.Generator | None
+    nonfinite_in_row: dict[str, int]
+
+
+def restore_rl_section(checkpoint: dict[str, Any], fingerprint: dict[str, Any], where: str, *,
+                       reward_moments: RunningMoments, reward: RewardFunction, shuffle_gen: torch.Generator,
+                       device: torch.device) -> RestoredCounters:
+    """Checks a checkpoint's ``vrpo`` section (:func:`rl_section`) against ``fingerprint``, restores the stateful
+    parts in place (reward statistics, reward function, shuffling generator, global RNGs) and returns the rest.
+
+    Args:
+        checkpoint: the loaded checkpoint.
+        fingerprint: :func:`config_fingerprint` of the configuration being resumed.
+        where: the checkpoint's path, for the messages.
+        reward_moments: restored in place.
+        reward: restored in place.
+        shuffle_gen: restored in place.
+        device: where the VIB generator is rebuilt (the training device) and the CUDA RNG restored.
+
+    Raises:
+        ValueError: a checkpoint without the section (not written by ``RLSystem``), or one from an incompatible
+            configuration (:func:`check_fingerprint`).
+    """
+    state = checkpoint.get("vrpo")
+    if state is None:
+        raise ValueError(f"the checkpoint {where!r} was not written by vrpo_pl's RLSystem (no 'vrpo' section)")
+    check_fingerprint(fingerprint, state["fingerprint"], where)
+    reward_moments.load_state_dict(state["reward_moments"])
+    reward.load_state_dict(state["reward_fn"])
+    shuffle_gen.set_state(state["shuffle_gen"])
+    vib_gen = None
+    if state["vib_gen"] is not None:
+        vib_gen = torch.Generator(device=device)
+        vib_gen.set_state(state["vib_gen"])
+    restore_rng_states(state, device)
+    return RestoredCounters(state["rollouts"], state["kl_coef"], vib_gen, state["nonfinite_in_row"])

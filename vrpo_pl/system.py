@@ -13,6 +13,9 @@ One ``training_step`` consumes one rollout batch and runs, in order:
    :mod:`vrpo_pl.losses` and :mod:`vrpo_pl.distributed`);
 6. log: the metrics, each reduced as it declares (:mod:`vrpo_pl.metrics`), at step = rollout batches done.
 
+Beside the phases: greedy validation and the key-token view read their rollouts through :mod:`vrpo_pl.validation`,
+and what a checkpoint holds beside the weights is :mod:`vrpo_pl.checkpoint`'s.
+
 How VRPO departs from PPO (Zhu et al., arXiv 2508.03058): only the critic changes. Its head is a variational
 information bottleneck (z ~ N(mu, sigma^2), KL to N(0, I) weighted by beta) and an auxiliary loss ties z to a
 frozen LM's entropy and surprisal. Our choices where the paper is silent: d_z=64, beta=1e-4, lambda_aux=0.03,
@@ -458,42 +461,30 @@ class RLSystem(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint_dict: dict[str, Any]) -> None:
         """Keeps only what trains (frozen weights are rebuilt from their sources) and adds the RL state.
 
-        The ``vrpo`` section holds the rollout counter, KL coefficient, running reward statistics, the reward
-        function's state (its noise generator), the update's shuffling and VIB generators, the global RNG states
-        (:func:`vrpo_pl.checkpoint.rng_states`), the non-finite streak and a fingerprint of the configuration.
-        Lightning adds the optimizers, loops, the data module's stream position and the callbacks' states (KL
-        controller, guide running moments); the value head's buffers (return statistics) are in the weights.
+        The ``vrpo`` section (:func:`vrpo_pl.checkpoint.rl_section`) holds the rollout counter, KL coefficient,
+        running reward statistics, the reward function's state (its noise generator), the update's shuffling and VIB
+        generators, the global RNG states, the non-finite streaks and a fingerprint of the configuration. Lightning
+        adds the optimizers, loops, the data module's stream position and the callbacks' states (KL controller,
+        guide running moments); the value head's buffers (return statistics) are in the weights.
         """
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        head_buffers = {n for n, _ in self.named_buffers() if n.startswith("critic.head")}
-        checkpoint_dict["state_dict"] = {k: v for k, v in checkpoint_dict["state_dict"].items()
-                                         if k in trainable or k in head_buffers}
-        checkpoint_dict["vrpo"] = {
-            "rollouts": self.rollouts, "kl_coef": self.kl_coef, "reward_moments": self.reward_moments.state_dict(),
-            "reward_fn": self.reward.state_dict(), "shuffle_gen": self._shuffle_gen.get_state(),
-            "vib_gen": None if self._vib_gen is None else self._vib_gen.get_state(),
-            "nonfinite_in_row": dict(self._nonfinite_in_row), "fingerprint": self._fingerprint(),
-            **checkpoint.rng_states(self.device),
-        }
+        checkpoint_dict["state_dict"] = checkpoint.trainable_entries(checkpoint_dict["state_dict"], self)
+        checkpoint_dict["vrpo"] = checkpoint.rl_section(
+            rollouts=self.rollouts, kl_coef=self.kl_coef, reward_moments=self.reward_moments, reward=self.reward,
+            shuffle_gen=self._shuffle_gen, vib_gen=self._vib_gen, nonfinite_in_row=self._nonfinite_in_row,
+            fingerprint=self._fingerprint(), device=self.device)
 
     def on_load_checkpoint(self, checkpoint_dict: dict[str, Any]) -> None:
         """Checks the fingerprint, then restores the RL state saved by :meth:`on_save_checkpoint`."""
         where = str(self._trainer.ckpt_path) if self._trainer is not None and self._trainer.ckpt_path else ""
-        state = checkpoint_dict.get("vrpo")
-        if state is None:
-            raise ValueError(f"the checkpoint {where!r} was not written by vrpo_pl's RLSystem (no 'vrpo' section)")
-        checkpoint.check_fingerprint(self._fingerprint(), state["fingerprint"], where)
-        self.rollouts, self.kl_coef = state["rollouts"], state["kl_coef"]
-        self.reward_moments.load_state_dict(state["reward_moments"])
-        self.reward.load_state_dict(state["reward_fn"])
-        self._shuffle_gen.set_state(state["shuffle_gen"])
-        # The generator must live where _critic_loss will use it; DDP restores before moving the model there.
+        # The VIB generator must live where the update will use it; DDP restores before moving the model there.
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device
-        if state["vib_gen"] is not None:
-            self._vib_gen = torch.Generator(device=device)
-            self._vib_gen.set_state(state["vib_gen"])
-        checkpoint.restore_rng_states(state, device)
-        self._nonfinite_in_row = state["nonfinite_in_row"]
+        restored = checkpoint.restore_rl_section(
+            checkpoint_dict, self._fingerprint(), where, reward_moments=self.reward_moments, reward=self.reward,
+            shuffle_gen=self._shuffle_gen, device=device)
+        self.rollouts, self.kl_coef = restored.rollouts, restored.kl_coef
+        self._nonfinite_in_row = restored.nonfinite_in_row
+        if restored.vib_gen is not None:
+            self._vib_gen = restored.vib_gen
 
     def _fingerprint(self) -> dict[str, Any]:
         settings = {"algorithm": self.algorithm, "vib": self.critic_settings.vib, "aux": self.critic_settings.aux,
