@@ -29,6 +29,8 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, data_path_args, shrink_args
 
+from vrpo_pl.rewards import NumericVerifier, RewardFunction, RewardScores
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 EQUIVALENT_RUN = [
@@ -91,7 +93,8 @@ class ReplicaReport(pl.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-def _run_two_processes(root: Path, strategy: str, *extra: str) -> tuple[list[dict], subprocess.CompletedProcess]:
+def _run_two_processes(root: Path, strategy: str, *extra: str, timeout: int = 540
+                       ) -> tuple[list[dict], subprocess.CompletedProcess]:
     """``vrpo fit`` on 2 CPU processes; returns the ranks' ReplicaReport dicts."""
     args = ["--config", str(TINY_CONFIG), *shrink_args(root, max_steps=STEPS), *data_path_args(TINY_CONFIG),
             *EQUIVALENT_RUN, "--trainer.devices", "2", "--trainer.strategy", strategy,
@@ -100,7 +103,7 @@ def _run_two_processes(root: Path, strategy: str, *extra: str) -> tuple[list[dic
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     result = subprocess.run([str(Path(sys.executable).parent / "vrpo"), "fit", *args], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=540)
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     reports = [json.loads((root / "report" / f"rank{r}.json").read_text()) for r in range(2)]
     return reports, result
@@ -159,6 +162,27 @@ def test_ddp_two_processes_match_one(single_runs, read_events, tmp_path):
     events, weights, _ = single_runs["full"]
     _assert_same_metrics(events, _scalars(read_events(tmp_path)), "ddp")
     _assert_same_weights(weights, _trainable_from(tmp_path / "ckpt" / "last.ckpt"), "ddp")
+
+
+class NaNOnRankOne(RewardFunction):
+    """The verifier's training scores, NaN on rank 1 only (a reward that breaks on one rank's samples)."""
+
+    def score(self, completions):
+        scores = NumericVerifier().score(completions)
+        if os.environ.get("LOCAL_RANK") == "1":
+            return RewardScores(train=torch.full_like(scores.train, float("nan")), gold=scores.gold)
+        return scores
+
+
+@pytest.mark.slow
+def test_ddp_a_nonfinite_reward_on_one_rank_skips_the_batch_on_every_rank(read_events, tmp_path):
+    """Rank 1's reward is NaN, rank 0's is not: both skip (a rank that updated alone would wait forever in the
+    gradient all-reduce), and rank 0 says why."""
+    reports, result = _run_two_processes(
+        tmp_path, "ddp", "--model.reward", "test_distributed.NaNOnRankOne", timeout=240)
+    assert [r["rollouts"] for r in reports] == [STEPS, STEPS] and reports[0]["max_replica_diff"] == 0.0
+    assert "the reward NaNOnRankOne was not finite on another rank at rollout batch 0" in result.stdout
+    assert "reward/train" not in _scalars(read_events(tmp_path)), "nothing was trained on a skipped batch"
 
 
 @pytest.mark.slow

@@ -350,6 +350,11 @@ class RLSystem(pl.LightningModule):
         where = f"rollout batch {self.rollouts}"
         result = call_reward(self.reward, completions, where)
         bad = nonfinite_message(self.reward, result.train, completions, where)
+        # Every rank must take the same branch (a rank that skips while another updates would hang the others in
+        # the update's collectives), so a non-finite reward on any rank skips, or stops, the batch everywhere.
+        any_bad = distributed.all_reduce_max(torch.tensor(float(bad is not None), device=self.device)).item() > 0
+        if any_bad and bad is None:
+            bad = f"the reward {type(self.reward).__name__} was not finite on another rank at {where}"
         if bad is not None:
             if self.reward_settings.on_nonfinite == "error":
                 raise RewardError(bad + "; stopping (--model.rewards.on_nonfinite error)")
