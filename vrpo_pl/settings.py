@@ -61,10 +61,14 @@ class PPOSettings:
     """Standardize PPO/VRPO advantages over the rollout batch's response tokens (Secrets of RLHF I)."""
     grpo_scale_by_std: bool = True
     """GRPO: divide group-centered rewards by the group's std; False is Dr. GRPO (Liu et al. 2025)."""
-    critic_epochs: int | None = None
-    """Passes of the critic over each rollout batch, on the same shuffled mini-batches as the policy's (None: as
-    many as ``epochs``; verl's ``critic.ppo_epochs``). More passes fit the returns sooner, at the cost of one critic
-    forward and backward per pass."""
+    critic_epochs: int | None = 4
+    """Passes of the critic over each rollout batch, in shuffled mini-batches (the first ``epochs`` of them shared
+    with the policy's); None: as many as ``epochs`` (verl's ``critic.ppo_epochs``). 4 is our choice, measured
+    (docs/results.md, "The critic"): with one pass the critics' explained variance stayed near 0 for the first half
+    of a 16-rollout run (VRPO: 0.04 averaged over rollouts 5-12), with 4 it reached 0.3 by the middle (means over
+    5-12 of 0.26-0.63, PPO and VRPO on two tasks); a 3x critic lr with one pass averaged 0.28 but swung between 0
+    and 0.6.
+    Each pass costs one critic forward and backward over the batch: a rollout batch ~1.5-1.8x."""
     critic_warmup_rollouts: int = 0
     """Rollout batches at the start during which only the critic trains (Secrets of RLHF I)."""
     max_nonfinite_updates: int = 5

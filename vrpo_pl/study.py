@@ -82,7 +82,8 @@ def load_result(path: Path) -> RunResult:
                          {int(k): {q: float(g) for q, g in o.items()} for k, o in record["outcomes"].items()},
                          record.get("meta", {}))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a study record ({type(e).__name__}: {e}); delete it to run that run again") from e
+        raise ValueError(
+            f"{path}: not a study record ({type(e).__name__}: {e}); delete it to run that run again") from e
 
 
 def _chosen(runs: list[RunResult], rollout: int | str) -> list[dict[str, float]]:
