@@ -66,8 +66,7 @@ class PPOSettings:
     with the policy's); None: as many as ``epochs`` (verl's ``critic.ppo_epochs``). 4 is our choice, measured
     (docs/results.md, "The critic"): with one pass the critics' explained variance stayed near 0 for the first half
     of a 16-rollout run (VRPO: 0.04 averaged over rollouts 5-12), with 4 it reached 0.3 by the middle (means over
-    5-12 of 0.26-0.63, PPO and VRPO on two tasks); a 3x critic lr with one pass averaged 0.28 but swung between 0
-    and 0.6.
+    5-12 of 0.26-0.63, PPO and VRPO on two tasks); a 3x critic lr on top of the 4 passes added nothing (0.28).
     Each pass costs one critic forward and backward over the batch: a rollout batch ~1.5-1.8x."""
     critic_warmup_rollouts: int = 0
     """Rollout batches at the start during which only the critic trains (Secrets of RLHF I)."""
