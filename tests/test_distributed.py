@@ -185,6 +185,38 @@ def test_ddp_a_nonfinite_reward_on_one_rank_skips_the_batch_on_every_rank(read_e
     assert "reward/train" not in _scalars(read_events(tmp_path)), "nothing was trained on a skipped batch"
 
 
+SHARDED_FSDP2 = json.dumps({"class_path": "vrpo_pl.distributed.FSDP2Strategy",
+                            "init_args": {"save_distributed_checkpoint": True}})
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_checkpoints_on_two_processes_are_whole_and_resume_exactly(read_events, tmp_path):
+    """``save_distributed_checkpoint`` on 2 processes: each save is one complete directory in its place (Lightning's
+    meta.pt and both ranks' shards; no staging sibling left behind), and a 2-process run resumed from the rollout-1
+    directory logs the straight run's metrics from there on."""
+    straight = tmp_path / "straight"
+    _run_two_processes(straight, SHARDED_FSDP2, *LORA, *_checkpoints(straight / "ckpt"))
+    saves = sorted((straight / "ckpt").iterdir())
+    assert [d.name for d in saves] == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"]
+    for save in saves:
+        assert save.is_dir() and (save / "meta.pt").is_file(), f"{save}: not a whole sharded checkpoint"
+        assert len(list(save.glob("*.distcp"))) == 2, f"{save}: one shard per rank expected"
+
+    resumed = tmp_path / "resumed"
+    reports, _ = _run_two_processes(resumed, SHARDED_FSDP2, *LORA, "--ckpt_path",
+                                    str(straight / "ckpt" / "epoch=0-step=1.ckpt"))
+    assert [r["rollouts"] for r in reports] == [STEPS, STEPS]
+    expected, got = _scalars(read_events(straight)), _scalars(read_events(resumed))
+    compared = 0
+    for tag, values in got.items():
+        before = dict(expected[tag])
+        for step, value in values:
+            if step > 1:
+                assert value == pytest.approx(before[step], rel=1e-5, abs=1e-6), f"{tag} at rollout {step}"
+                compared += 1
+    assert compared >= 10, f"only {compared} metrics after rollout 1 were logged by the resumed run"
+
+
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one_and_resume_anywhere(single_runs, run_cli, read_events, tmp_path):
     """FSDP2 with LoRA: trainable models sharded (the frozen ones not), generation synced across ranks, metrics

@@ -1133,3 +1133,15 @@ def test_guide_statistics_and_key_tokens_are_global_across_ranks(tmp_path):
         assert torch.equal(result["key"], expected.key[rows, cols]), "a key token is the same on every rank"
         torch.testing.assert_close(result["standardized"], expected.standardized[rows, cols])
     assert ranks[0]["state"] == ranks[1]["state"]
+
+
+def test_a_ckpt_path_directory_must_be_a_sharded_checkpoint(tmp_path):
+    """A directory passes the readability check only when it holds Lightning's meta.pt (an FSDP2 sharded save)."""
+    from vrpo_pl.checkpoint import SHARDED_METADATA, CheckpointLoadError, check_readable
+
+    directory = tmp_path / "epoch=0-step=1.ckpt"
+    directory.mkdir()
+    with pytest.raises(CheckpointLoadError, match=r"is a directory but not a sharded checkpoint .*no meta\.pt"):
+        check_readable(directory)
+    (directory / SHARDED_METADATA).write_bytes(b"x")
+    check_readable(directory)

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from vrpo_pl.rewards.base import RewardFunction
 
 _TMP_SUFFIX = ".vrpo-tmp"
+SHARDED_METADATA = "meta.pt"  # Lightning's file of everything but weights and optimizers in a sharded checkpoint
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -61,7 +62,8 @@ class CheckpointLoadError(ValueError):
 
 def check_readable(path, error: BaseException | None = None) -> None:
     """Raises :class:`CheckpointLoadError` naming ``path`` when it is missing or empty, or when ``error`` (raised
-    while loading it) is torch's report of a truncated file.
+    while loading it) is torch's report of a truncated file. A directory passes when it is a sharded (FSDP2)
+    checkpoint, i.e. holds Lightning's ``meta.pt``; its shards are checked by torch.distributed.checkpoint.
 
     torch reports an empty file as a bare ``EOFError`` and a truncated one as a ``RuntimeError`` of its zip reader
     ("failed finding central directory"); neither names the file.
@@ -69,6 +71,11 @@ def check_readable(path, error: BaseException | None = None) -> None:
     path = Path(path)
     todo = ("resume from another checkpoint (the epoch=...-step=... files beside last.ckpt), or start without "
             "--ckpt_path")
+    if path.is_dir():
+        if (path / SHARDED_METADATA).is_file():
+            return
+        raise CheckpointLoadError(f"--ckpt_path {str(path)!r} is a directory but not a sharded checkpoint (it holds "
+                                  f"no {SHARDED_METADATA}); {todo}")
     if not path.is_file():
         raise CheckpointLoadError(f"--ckpt_path {str(path)!r} does not exist (or is not a file); {todo}")
     if path.stat().st_size == 0:

@@ -42,6 +42,8 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import Tensor, nn
 
+from vrpo_pl.checkpoint import SHARDED_METADATA
+
 FSDP2_FLAG = "--trainer.strategy fsdp2"
 """The command-line flag that selects FSDP2 (see :class:`FSDP2Strategy`)."""
 
@@ -121,12 +123,11 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
-        if path.is_dir() and (path / _SHARDED_METADATA).is_file():
+        if path.is_dir() and (path / SHARDED_METADATA).is_file():
             return _load_sharded_trainable(path, self.model, self.optimizers, weights_only)
         return super().load_checkpoint(path, weights_only=weights_only)
 
 
-_SHARDED_METADATA = "meta.pt"  # Lightning's file of everything but weights and optimizers in a sharded checkpoint
 
 
 def _load_sharded_trainable(path: Path, model: nn.Module, optimizers, weights_only: bool | None) -> dict[str, Any]:
@@ -154,7 +155,7 @@ def _load_sharded_trainable(path: Path, model: nn.Module, optimizers, weights_on
         optimizer_state = {key: get_optimizer_state_dict(model, optimizer)}
         load(optimizer_state, checkpoint_id=path)
         set_optimizer_state_dict(model, optimizer, optim_state_dict=optimizer_state[key])
-    return torch.load(path / _SHARDED_METADATA, weights_only=weights_only)
+    return torch.load(path / SHARDED_METADATA, weights_only=weights_only)
 
 
 def register_strategies() -> None:
