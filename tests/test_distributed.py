@@ -29,6 +29,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, data_path_args, shrink_args
 
+from vrpo_pl.checkpoint import SHARDED_METADATA
 from vrpo_pl.rewards import NumericVerifier, RewardFunction, RewardScores
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +201,7 @@ def test_fsdp2_sharded_checkpoints_on_two_processes_are_whole_and_resume_exactly
     saves = sorted((straight / "ckpt").iterdir())
     assert [d.name for d in saves] == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"]
     for save in saves:
-        assert save.is_dir() and (save / "meta.pt").is_file(), f"{save}: not a whole sharded checkpoint"
+        assert save.is_dir() and (save / SHARDED_METADATA).is_file(), f"{save}: not a whole sharded checkpoint"
         assert len(list(save.glob("*.distcp"))) == 2, f"{save}: one shard per rank expected"
 
     resumed = tmp_path / "resumed"

@@ -128,8 +128,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         return super().load_checkpoint(path, weights_only=weights_only)
 
 
-
-
 def _load_sharded_trainable(path: Path, model: nn.Module, optimizers, weights_only: bool | None) -> dict[str, Any]:
     """Loads a sharded checkpoint directory that holds only the trainable weights (``RLSystem.on_save_checkpoint``).
 
