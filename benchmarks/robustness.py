@@ -129,6 +129,9 @@ class Setting:
     seeds: list[int]
     overrides: list[str] = field(default_factory=list)
     threads: int | None = None
+    """OMP threads per run (None: torch's default, one per core)."""
+    jobs: int = 1
+    """Runs at once (``--jobs`` overrides)."""
     ablation_noise: str | None = None
     """The noise at which the ablations (VRPO's VIB alone and auxiliary alone, GRPO with the flip-rate correction)
     also run."""
@@ -164,13 +167,16 @@ SETTINGS = {
     # have ~1,450) and its sampling (temperature 0.7) with a 16-token budget, where the instruct model's greedy
     # answers are not cut at the start; 8 prompts x 4 samples (GRPO groups and majority votes of 4), one PPO epoch
     # in mini-batches of 16, 30 rollout batches, 256 held-out questions at rollouts 0, 10, 20 and 30; 3 paired seeds.
+    # Two runs at once with one thread each: at this model size a second intra-op thread slows a run down (VRPO's
+    # rollout batch 16.8 s with 1 thread, about 21.5 s with 2, and 17.8 s each with two 1-thread runs side by side;
+    # Intel Xeon with AMX, 2 cores, 2026-12-04), so two 1-thread runs do about 2.4x the work of one 2-thread run.
     "medium": Setting("configs/quickstart.yaml", 30, 10, ["ppo", "grpo", "vrpo"],
                       ["none", "flip0.3", "flip0.45", "asym", "vote", "random"], [0, 1, 2], _COMMON + [
         "--model.generation.temperature", "0.7", "--model.generation.max_new_tokens", "16",
         "--model.optim.policy_lr", "3e-4", "--model.optim.critic_lr", "1e-3", "--model.ppo.epochs", "1",
         "--data.prompts_per_rollout", "8", "--data.samples_per_prompt", "4", "--model.ppo.mini_batch_size", "16",
         "--data.val_size", "256", "--data.val_batch_size", "128", "--data.source.init_args.params", WIDE_TASK],
-        ablation_noise="flip0.3"),
+        ablation_noise="flip0.3", threads=1, jobs=2),
     # For a GPU (pass --accelerator gpu --precision bf16-mixed): 16 prompts x 4 samples, 100 rollout batches, room
     # for the length bias to show (64 new tokens), 256 held-out questions, 3 seeds.
     "full": Setting("configs/quickstart.yaml", 100, 10, ["ppo", "grpo", "vrpo"], [n for n in NOISES if n != "rm"],
@@ -282,15 +288,38 @@ def machine() -> dict:
             "commit": commit.stdout.strip() or "unknown", "date": time.strftime("%Y-%m-%d")}
 
 
-def write_record(run: Run, seconds: float | None) -> None:
-    """Saves the finished ``run``'s record to the ledger (no-op without ``--ledger``)."""
+def run_dtype(run: Run) -> str:
+    """The weights' dtype ``run`` computed in: its saved ``config.yaml``'s ``model.dtype``, with ``auto`` resolved as
+    the run resolved it (:func:`vrpo_pl.models.resolve_dtype`: bfloat16 only when every trained model uses LoRA and
+    bf16 is fast on the device); "unknown" without the file."""
+    import torch
+    import yaml
+
+    from vrpo_pl.models import resolve_dtype
+
+    path = run.dir / "config.yaml"
+    if not path.exists():
+        return "unknown"
+    config = yaml.safe_load(path.read_text())
+    model, trainer = config.get("model") or {}, config.get("trainer") or {}
+    lora_everywhere = model.get("lora") is not None and (model.get("algorithm") == "grpo"
+                                                         or model.get("critic_lora") is not None)
+    gpu = str(trainer.get("accelerator")) in ("gpu", "cuda") and torch.cuda.is_available()
+    return resolve_dtype(model.get("dtype", "auto"), lora_everywhere, torch.device("cuda" if gpu else "cpu"))
+
+
+def write_record(run: Run, seconds: float | None, threads: int | None = None) -> None:
+    """Saves the finished ``run``'s record to the ledger (no-op without ``--ledger``): the machine, the dtype the
+    run resolved, the threads it ran with (``--threads``, else torch's default), its seconds and command."""
     if run.record is None:
         return
     from vrpo_pl.study import read_run, save_result
 
-    dtype = next((run.command[i + 1] for i, a in enumerate(run.command[:-1]) if a == "--model.dtype"), "auto")
+    meta = machine()
+    if threads is not None:
+        meta["threads"] = threads
     save_result(read_run(run.dir, run.algorithm, run.noise, run.seed), run.record,
-                {**machine(), "dtype": dtype, "seconds": None if seconds is None else round(seconds),
+                {**meta, "dtype": run_dtype(run), "seconds": None if seconds is None else round(seconds),
                  "command": shlex.join(run.command)})
 
 
@@ -299,7 +328,7 @@ def execute(run: Run, max_steps: int, threads: int | None) -> tuple[Run, str]:
     if recorded(run, max_steps) is not None:
         return run, "skipped (recorded)"
     if _finished(read_scalars(run.dir), max_steps):
-        write_record(run, None)
+        write_record(run, None, threads)
         return run, "skipped (complete)"
     if run.dir.exists():  # an interrupted run: keep its log beside, start again in a clean directory
         n = 1
@@ -318,7 +347,7 @@ def execute(run: Run, max_steps: int, threads: int | None) -> tuple[Run, str]:
     seconds = time.perf_counter() - start
     if code != 0 or not _finished(read_scalars(run.dir), max_steps):
         return run, f"failed (exit {code}, {seconds:.0f} s; see {run.dir / 'console.log'})"
-    write_record(run, seconds)
+    write_record(run, seconds, threads)
     return run, f"done in {seconds:.0f} s"
 
 
@@ -385,8 +414,10 @@ def results_markdown(results: dict, noises: list[str], header: str) -> str:
                 lines.append(f"| {alg} | {cells[(alg, n)].final.mean:.3f} | {'' if d is None else d} |")
     lines += ["", "Noise settings: " + "; ".join(_noise_label(n) for n in noises) + ".",
               "Best: each run's most accurate validation (biased upward; a reference, not a result). Response length "
-              "and KL: mean over the last 10% of rollout batches; explained variance and |advantage| on key tokens "
-              "(guide entropy in its top 20%) against the others: means over the run.", ""]
+              "and KL: mean over the last 10% of rollout batches; explained variance: median over the run's rollout "
+              "batches (a batch whose returns barely vary gives a huge negative value that a mean would let "
+              "dominate), averaged over seeds; |advantage| on key tokens (guide entropy in its top 20%) against the "
+              "others: means over the run.", ""]
     return "\n".join(lines)
 
 
@@ -441,9 +472,13 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
         for i, tag in enumerate(CURVES):
             axis = axes[i, j]
             for alg in algorithms:
+                for run in results.get((alg, n), []):  # every run, thin, under the mean over seeds
+                    points = run.scalars.get(tag, [])
+                    if len(points) > 1:
+                        axis.plot([s for s, _ in points], [v for _, v in points], color=colors[alg], lw=0.5, alpha=0.3)
                 steps, values = mean_curve(results.get((alg, n), []), tag)
                 if steps:
-                    axis.plot(steps, values, color=colors[alg], lw=1.2, label=alg)
+                    axis.plot(steps, values, color=colors[alg], lw=1.4, label=alg)
             axis.grid(alpha=0.3)
             if i == 0:
                 axis.set_title(n, fontsize=9)
@@ -454,7 +489,7 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
     axes[0, 0].legend(fontsize=7)
     for axis in axes[-1]:
         axis.set_xlabel("rollout batches", fontsize=8)
-    fig.suptitle("Means over seeds, per noise (columns)")
+    fig.suptitle("Means over seeds (thick) and every run (thin), per noise (columns)")
     fig.tight_layout()
     fig.savefig(path.with_name(path.stem + "_curves.png"), dpi=100)
     plt.close(fig)
@@ -482,7 +517,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--precision", help="--trainer.precision for every run (e.g. bf16-mixed)")
     p.add_argument("--devices", help="--trainer.devices for every run")
     p.add_argument("--threads", type=int, help="OMP threads per run (default: the setting's, else torch's)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (a GPU fits several 135M runs)")
+    p.add_argument("--jobs", type=int, help="runs at once (default: the setting's; a GPU fits several 135M runs)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and whether each run is complete")
     p.add_argument("--report-only", action="store_true", help="only rebuild results.md and robustness.png")
     args = p.parse_args(argv)
@@ -494,6 +529,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args.seeds = args.seeds if args.seeds is not None else setting.seeds
     args.max_steps = args.max_steps or setting.max_steps
     args.threads = args.threads if args.threads is not None else setting.threads
+    args.jobs = args.jobs if args.jobs is not None else setting.jobs
     if "rm" in args.noises and not args.rm_path:
         p.error("--noises rm needs --rm-path")
     return args, extra

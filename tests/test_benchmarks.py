@@ -66,6 +66,8 @@ def test_robustness_medium_plans_the_study(benchmarks, capsys, tmp_path):
              and value(c, "--trainer.logger.init_args.name").endswith("/flip0.45")]
     assert {json.loads(value(c, "--model.reward"))["init_args"]["seed"] for c in seed2} == {2}  # paired noise
     assert value(commands[0], "--data.val_size") == "256" and value(commands[0], "--trainer.max_steps") == "30"
+    medium = benchmarks["robustness"].SETTINGS["medium"]
+    assert (medium.jobs, medium.threads) == (2, 1)  # two 1-thread runs at once on 2 cores
     # The task must hold 256 distinct held-out questions and still leave questions to train on (2 terms of 1 digit
     # have only 200: the first version of this setting failed at start-up).
     from vrpo_pl.data import ReasoningGymSource
@@ -113,6 +115,8 @@ def test_robustness_tiny_writes_table_and_plot(benchmarks, tmp_path, capsys):
     assert benchmarks["robustness"].main(argv + ["--ledger", str(ledger)]) == 0
     record = json.loads((ledger / "ppo" / "flip0.2" / "seed0.json").read_text())
     assert record["meta"]["cpu"] and record["meta"]["commit"] and "--model.algorithm ppo" in record["meta"]["command"]
+    # What the run computed with: tiny.yaml's pinned float32 (not the setting's "auto"), the setting's one thread.
+    assert record["meta"]["dtype"] == "float32" and record["meta"]["threads"] == 1
     assert sorted(record["outcomes"]) == ["0", "1"] and len(record["outcomes"]["1"]) == 4
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "results.md").rename(tmp_path / "results_from_runs.md")
@@ -178,3 +182,31 @@ def test_peer_trl_reward_rule_and_report(benchmarks):
     trl_row = next(line for line in text.splitlines() if line.startswith("| TRL fp32"))
     assert "| 8.000 |" in trl_row and trl_row.rstrip(" |").endswith("4.00")  # ours is 4x its samples/s
     assert "test CPU" in text and "run ours" in text
+
+
+@pytest.mark.parametrize("lora, critic_lora, algorithm, fast, expected", [
+    ({"r": 16}, {"r": 16}, "vrpo", True, "bfloat16"),
+    ({"r": 16}, {"r": 16}, "vrpo", False, "float32"),
+    ({"r": 16}, None, "ppo", True, "float32"),  # the critic trains fully: float32 weights
+    ({"r": 16}, None, "grpo", True, "bfloat16"),  # no critic: the policy's LoRA is all that trains
+    (None, None, "grpo", True, "float32"),
+])
+def test_study_record_names_the_dtype_the_run_resolved(benchmarks, tmp_path, monkeypatch, lora, critic_lora,
+                                                       algorithm, fast, expected):
+    """A ledger record names the weights' dtype the run computed in, ``auto`` resolved from the run's saved config
+    as the run resolved it, not the flag's "auto"."""
+    import yaml
+
+    import vrpo_pl.models
+
+    robustness = benchmarks["robustness"]
+    monkeypatch.setattr(vrpo_pl.models, "bf16_is_fast", lambda device: fast)
+    run = robustness.Run(algorithm, "none", 0, tmp_path, [])
+    assert robustness.run_dtype(run) == "unknown"
+    config = {"trainer": {"accelerator": "cpu"},
+              "model": {"algorithm": algorithm, "dtype": "auto", "lora": lora, "critic_lora": critic_lora}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert robustness.run_dtype(run) == expected
+    config["model"]["dtype"] = "float32"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert robustness.run_dtype(run) == "float32"

@@ -121,6 +121,8 @@ class Cell:
     length: float
     kl: float
     explained_variance: float
+    """The median over each run's rollout batches (one batch with nearly constant returns gives a huge negative
+    value), averaged over seeds."""
     abs_adv_key: float
     abs_adv_other: float
 
@@ -131,15 +133,15 @@ def cell(runs: list[RunResult]) -> Cell:
         values = [_tail_mean(r.scalars.get(tag, [])) for r in runs if r.scalars.get(tag)]
         return statistics.fmean(values) if values else math.nan
 
-    def mean_over_run(tag: str) -> float:
-        values = [statistics.fmean(v for _, v in r.scalars[tag]) for r in runs if r.scalars.get(tag)]
+    def over_run(tag: str, center=statistics.fmean) -> float:
+        values = [center([v for _, v in r.scalars[tag]]) for r in runs if r.scalars.get(tag)]
         return statistics.fmean(values) if values else math.nan
 
     initial = bootstrap_mean(outcome_matrix(runs, 0))
     return Cell([r.seed for r in runs], initial, bootstrap_mean(outcome_matrix(runs, "final")),
                 bootstrap_mean(outcome_matrix(runs, "best")), tail("response/length"), tail("kl/ref"),
-                mean_over_run("value/explained_variance"), mean_over_run("adv/abs_key"),
-                mean_over_run("adv/abs_other"))
+                over_run("value/explained_variance", statistics.median), over_run("adv/abs_key"),
+                over_run("adv/abs_other"))
 
 
 def paired(runs_a: list[RunResult], runs_b: list[RunResult], rollout: int | str = "final") -> Estimate | None:
