@@ -87,6 +87,7 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
            "--model.generation.max_new_tokens", str(args.new_tokens), "--model.generation.temperature", "1.0",
            "--model.ppo.epochs", str(args.epochs), "--model.ppo.mini_batch_size", str(args.mini_batch),
            "--model.ppo.micro_batch_size", "null", "--model.validate_at_start", "false",
+           *(["--model.ppo.critic_epochs", str(args.critic_epochs)] if args.critic_epochs else []),
            "--data.prompts_per_rollout", str(args.prompts), "--data.samples_per_prompt", str(args.samples),
            "--trainer.max_steps", str(1 + args.iters), "--trainer.limit_val_batches", "0",
            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
@@ -217,11 +218,11 @@ def step_flops(system, r) -> float:
     flops += 2 * (body + head) * response  # decode steps
     frozen = 1 + (0 if system.sampler_logprobs else 1)  # reference (+ the policy's own pass)
     flops += frozen * 2 * (body * tokens + head * response)
-    epochs = system.ppo.epochs
+    epochs, critic_epochs = system.ppo.epochs, system.ppo.critic_epochs or system.ppo.epochs
     flops += epochs * (2 + train_factor) * (body * tokens + head * response)  # policy update
     if system.critic is not None:
         critic_train = 2.0 if system.critic_lora_spec is not None else 4.0
-        flops += 2 * body * tokens + epochs * (2 + critic_train) * body * tokens  # values, update
+        flops += 2 * body * tokens + critic_epochs * (2 + critic_train) * body * tokens  # values, update
     return flops
 
 
@@ -311,21 +312,23 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
                                                           strict=True)])
     optimizers = trainer.optimizers
     micro = p.micro_batch_size or p.mini_batch_size
-    for _ in range(p.epochs):
+    critic_epochs = p.critic_epochs or p.epochs  # the critic's passes, as the system's update makes them
+    for epoch in range(max(p.epochs, critic_epochs if critic is not None else 0)):
         for start in range(0, size, p.mini_batch_size):
             micro_batches = [slice(s, s + micro) for s in range(start, start + p.mini_batch_size, micro)]
             tokens = r.mask[start : start + p.mini_batch_size].sum()
-            with timed("update_policy"):
-                for sl in micro_batches:
-                    ratio = torch.exp(logp(policy, sl) - r.logp[sl])
-                    adv = r.advantages[sl]
-                    surrogate = torch.min(ratio * adv, ratio.clamp(1 - p.clip_eps, 1 + p.clip_eps) * adv)
-                    (-(surrogate * r.mask[sl]).sum() / tokens).backward()
-                params = [q for q in policy.parameters() if q.requires_grad]
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizers[0].step()
-                optimizers[0].zero_grad(set_to_none=True)
-            if critic is None:
+            if epoch < p.epochs:
+                with timed("update_policy"):
+                    for sl in micro_batches:
+                        ratio = torch.exp(logp(policy, sl) - r.logp[sl])
+                        adv = r.advantages[sl]
+                        surrogate = torch.min(ratio * adv, ratio.clamp(1 - p.clip_eps, 1 + p.clip_eps) * adv)
+                        (-(surrogate * r.mask[sl]).sum() / tokens).backward()
+                    params = [q for q in policy.parameters() if q.requires_grad]
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizers[0].step()
+                    optimizers[0].zero_grad(set_to_none=True)
+            if critic is None or epoch >= critic_epochs:
                 continue
             with timed("update_critic"):
                 for sl in micro_batches:
@@ -578,6 +581,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, help="max new tokens (default: the size's)")
     p.add_argument("--mini-batch", type=int, help="PPO mini-batch size (default: the size's)")
     p.add_argument("--epochs", type=int, default=2, help="PPO epochs")
+    p.add_argument("--critic-epochs", type=int, help="the critic's passes per rollout batch "
+                   "(--model.ppo.critic_epochs; default: the system's, 4; pass --epochs' value to match a commit "
+                   "from before that setting, whose critic made as many passes as the policy)")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
@@ -631,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU, {args.threads or torch.get_num_threads()} torch threads")
     header = (f"# Throughput: {model} + LoRA r={LORA['r']} (q/k/v/o), B = {args.prompts} x {args.samples} = "
               f"{args.prompts * args.samples} responses, {args.new_tokens} new tokens, {args.epochs} PPO epochs, "
-              f"mini-batch {args.mini_batch}, shared prompt prefix {'on' if args.share_prompt_prefix else 'off'}"
+              f"critic epochs {args.critic_epochs or 'the default (4)'}, mini-batch {args.mini_batch}, "
+              f"shared prompt prefix {'on' if args.share_prompt_prefix else 'off'}"
               f"\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
               f"batches after 1 warm-up. Command: `python benchmarks/throughput.py {' '.join(argv)}`")
     peaks = {name: matmul_peak(name, device="cuda" if args.accelerator in ("gpu", "cuda") else "cpu")

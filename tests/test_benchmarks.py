@@ -210,3 +210,27 @@ def test_study_record_names_the_dtype_the_run_resolved(benchmarks, tmp_path, mon
     config["model"]["dtype"] = "float32"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert robustness.run_dtype(run) == "float32"
+
+
+def test_throughput_compute_bound_counts_every_critic_pass(benchmarks):
+    """The step's FLOPs grow by one critic forward + backward over the batch per critic epoch (the critic's passes,
+    ``--model.ppo.critic_epochs``, not the policy's ``epochs``)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    body = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False))
+    policy = SimpleNamespace(config=SimpleNamespace(hidden_size=4, vocab_size=10), named_modules=body.named_modules)
+    mask = torch.ones(2, 3)
+    rollout = SimpleNamespace(attention_mask=torch.ones(2, 5), prompt_width=2, mask=mask, size=2)
+
+    def flops(critic_epochs, critic=True):
+        ppo = SimpleNamespace(epochs=1, critic_epochs=critic_epochs)
+        system = SimpleNamespace(policy=policy, lora_spec=object(), critic_lora_spec=object(), sampler_logprobs=True,
+                                 ppo=ppo, critic=object() if critic else None)
+        return benchmarks["throughput"].step_flops(system, rollout)
+
+    per_critic_pass = (2 + 2) * 32 * 10  # forward + activation gradients, 32 body parameters, 10 tokens
+    assert flops(4) - flops(1) == 3 * per_critic_pass
+    assert flops(None) == flops(1)  # None: as many as the policy's epochs
+    assert flops(4, critic=False) == flops(1, critic=False)
