@@ -167,9 +167,10 @@ SETTINGS = {
     # have ~1,450) and its sampling (temperature 0.7) with a 16-token budget, where the instruct model's greedy
     # answers are not cut at the start; 8 prompts x 4 samples (GRPO groups and majority votes of 4), one PPO epoch
     # in mini-batches of 16, 30 rollout batches, 256 held-out questions at rollouts 0, 10, 20 and 30; 3 paired seeds.
-    # Two runs at once with one thread each: at this model size a second intra-op thread slows a run down (VRPO's
-    # rollout batch 16.8 s with 1 thread, about 21.5 s with 2, and 17.8 s each with two 1-thread runs side by side;
-    # Intel Xeon with AMX, 2 cores, 2026-12-04), so two 1-thread runs do about 2.4x the work of one 2-thread run.
+    # Two runs at once with one thread each (docs/performance.md, "Threads and OpenMP's wait policy"): VRPO's
+    # rollout batch took 17.8 s in each of two 1-thread runs side by side, against 12.5 s for one 2-thread run with
+    # spinning OpenMP threads and 22.3 s with passive ones (Intel Xeon with AMX, 2 cores, 2026-12-04): 1.4x-2.5x the
+    # work, and safe when something else shares the cores, where spinning threads collapse.
     "medium": Setting("configs/quickstart.yaml", 30, 10, ["ppo", "grpo", "vrpo"],
                       ["none", "flip0.3", "flip0.45", "asym", "vote", "random"], [0, 1, 2], _COMMON + [
         "--model.generation.temperature", "0.7", "--model.generation.max_new_tokens", "16",
