@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -67,7 +68,7 @@ NOISES = {
     "flip0.3": ("SymmetricFlip(p=0.3)", 0.4),
     "flip0.4": ("SymmetricFlip(p=0.4)", 0.2),
     "flip0.45": ("SymmetricFlip(p=0.45)", 0.1),
-    "random": ("SymmetricFlip(p=0.5): the random-reward control, no information (J = 0)", 0.0),
+    "random": ("SymmetricFlip(p=0.5): the random-reward control, no information", 0.0),
     "asym": ("AsymmetricFlip(false_positive_rate=0.3, false_negative_rate=0.1): false-positive-heavy", 0.6),
     "vote": ("MajorityVote (TTRL pseudo-labels: the majority answer of the prompt's samples)", None),
     "rm": ("RewardModel(path=--rm-path, gold=NumericVerifier, binarize=true)", None),
@@ -397,6 +398,18 @@ def results_markdown(results: dict, noises: list[str], header: str) -> str:
         diffs = [paired(vrpo, results.get((base, n), []), at) if vrpo else None
                  for at in ("final", "best") for base in ("ppo", "grpo")]
         lines.append(f"| {n} | " + " | ".join("" if d is None else str(d) for d in diffs) + " |")
+    lines += ["", "## Per seed (final gold accuracy; a difference that changes sign from seed to seed is not a "
+              "method's)", "", "| noise | seed | " + " | ".join(algorithms) + " | VRPO - PPO | VRPO - GRPO |",
+              "|---|---|" + "---|" * (len(algorithms) + 2)]
+    for n in noises:
+        by_seed = {(a, r.seed): r for a in algorithms for r in results.get((a, n), [])}
+        for seed in sorted({seed for _, seed in by_seed}):
+            final = {a: statistics.fmean(by_seed[(a, seed)].outcomes[max(by_seed[(a, seed)].outcomes)].values())
+                     for a in algorithms if (a, seed) in by_seed}
+            diffs = [f"{final['vrpo'] - final[b]:+.3f}" if "vrpo" in final and b in final else ""
+                     for b in ("ppo", "grpo")]
+            lines.append(f"| {n} | {seed} | " + " | ".join(f"{final[a]:.3f}" if a in final else "" for a in algorithms)
+                         + " | " + " | ".join(diffs) + " |")
     lines += ["", "## Every cell", "",
               "| algorithm | noise | seeds | initial | final | best | response length | KL | explained variance "
               "| abs adv key / other |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -462,7 +475,8 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
     bx.axhline(0, color="gray", lw=1)
     bx.set_xticks(range(len(noises)), noises)
     bx.set(ylabel="paired difference in final gold accuracy", title="VRPO against the baselines (95% interval)")
-    bx.legend(fontsize=8)
+    if bx.get_legend_handles_labels()[1]:
+        bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -101,6 +101,7 @@ def test_robustness_tiny_writes_table_and_plot(benchmarks, tmp_path, capsys):
     assert "| algorithm | flip0.2 |" in results
     assert "| ppo | flip0.2 | 1 |" in results
     assert "## Paired differences" in results and "95% bootstrap interval" in results
+    assert "## Per seed" in results and "| flip0.2 | 0 | " in results  # each seed's final accuracy, per algorithm
     for png in (tmp_path / "robustness.png", tmp_path / "robustness_curves.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     run = tmp_path / "runs" / "ppo" / "flip0.2" / "seed0"
