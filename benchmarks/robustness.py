@@ -306,20 +306,20 @@ def run_dtype(run: Run) -> str:
     model, trainer = config.get("model") or {}, config.get("trainer") or {}
     lora_everywhere = model.get("lora") is not None and (model.get("algorithm") == "grpo"
                                                          or model.get("critic_lora") is not None)
-    gpu = str(trainer.get("accelerator")) in ("gpu", "cuda") and torch.cuda.is_available()
+    gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     return resolve_dtype(model.get("dtype", "auto"), lora_everywhere, torch.device("cuda" if gpu else "cpu"))
 
 
 def write_record(run: Run, seconds: float | None, threads: int | None = None) -> None:
     """Saves the finished ``run``'s record to the ledger (no-op without ``--ledger``): the machine, the dtype the
-    run resolved, the threads it ran with (``--threads``, else torch's default), its seconds and command."""
+    run resolved, the OMP threads it ran with (``--threads``; None: torch's default or not known), its seconds
+    and command."""
     if run.record is None:
         return
     from vrpo_pl.study import read_run, save_result
 
     meta = machine()
-    if threads is not None:
-        meta["threads"] = threads
+    meta["threads"] = threads  # None: not known (a run found complete, or torch's default of the run's process)
     save_result(read_run(run.dir, run.algorithm, run.noise, run.seed), run.record,
                 {**meta, "dtype": run_dtype(run), "seconds": None if seconds is None else round(seconds),
                  "command": shlex.join(run.command)})
@@ -330,7 +330,7 @@ def execute(run: Run, max_steps: int, threads: int | None) -> tuple[Run, str]:
     if recorded(run, max_steps) is not None:
         return run, "skipped (recorded)"
     if _finished(read_scalars(run.dir), max_steps):
-        write_record(run, None, threads)
+        write_record(run, None)  # finished in an earlier invocation: its threads are not known here
         return run, "skipped (complete)"
     if run.dir.exists():  # an interrupted run: keep its log beside, start again in a clean directory
         n = 1

@@ -87,7 +87,7 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
            "--model.generation.max_new_tokens", str(args.new_tokens), "--model.generation.temperature", "1.0",
            "--model.ppo.epochs", str(args.epochs), "--model.ppo.mini_batch_size", str(args.mini_batch),
            "--model.ppo.micro_batch_size", "null", "--model.validate_at_start", "false",
-           *(["--model.ppo.critic_epochs", str(args.critic_epochs)] if args.critic_epochs else []),
+           *(["--model.ppo.critic_epochs", str(args.critic_epochs)] if args.critic_epochs is not None else []),
            "--data.prompts_per_rollout", str(args.prompts), "--data.samples_per_prompt", str(args.samples),
            "--trainer.max_steps", str(1 + args.iters), "--trainer.limit_val_batches", "0",
            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
@@ -619,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from vrpo_pl.settings import PPOSettings
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.isolated_child:
@@ -633,11 +635,12 @@ def main(argv: list[str] | None = None) -> int:
         records = [measure_policy_alone(args) if n == "policy" else measure(n.split(":")[0], args, n.split(":")[1])
                    for n in names]
     model = "TinyLM" if args.tiny else args.model_path or "SmolLM2-135M-Instruct"
+    critic_epochs = args.critic_epochs if args.critic_epochs is not None else PPOSettings().critic_epochs
     device = torch.cuda.get_device_name() if args.accelerator in ("gpu", "cuda") else (
         f"CPU, {args.threads or torch.get_num_threads()} torch threads")
     header = (f"# Throughput: {model} + LoRA r={LORA['r']} (q/k/v/o), B = {args.prompts} x {args.samples} = "
               f"{args.prompts * args.samples} responses, {args.new_tokens} new tokens, {args.epochs} PPO epochs, "
-              f"critic epochs {args.critic_epochs or 'the default (4)'}, mini-batch {args.mini_batch}, "
+              f"critic epochs {critic_epochs}, mini-batch {args.mini_batch}, "
               f"shared prompt prefix {'on' if args.share_prompt_prefix else 'off'}"
               f"\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
               f"batches after 1 warm-up. Command: `python benchmarks/throughput.py {' '.join(argv)}`")

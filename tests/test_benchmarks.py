@@ -101,7 +101,10 @@ def test_robustness_tiny_writes_table_and_plot(benchmarks, tmp_path, capsys):
     assert "| algorithm | flip0.2 |" in results
     assert "| ppo | flip0.2 | 1 |" in results
     assert "## Paired differences" in results and "95% bootstrap interval" in results
-    assert "## Per seed" in results and "| flip0.2 | 0 | " in results  # each seed's final accuracy, per algorithm
+    # Each seed's final accuracy per algorithm: with one seed, the cell's final mean.
+    per_seed = next(line for line in results.splitlines() if line.startswith("| flip0.2 | 0 | "))
+    cell_row = next(line for line in results.splitlines() if line.startswith("| ppo | flip0.2 | 1 |"))
+    assert per_seed.split(" | ")[2] == cell_row.split(" | ")[4].split(" [")[0]
     for png in (tmp_path / "robustness.png", tmp_path / "robustness_curves.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     run = tmp_path / "runs" / "ppo" / "flip0.2" / "seed0"
@@ -116,8 +119,9 @@ def test_robustness_tiny_writes_table_and_plot(benchmarks, tmp_path, capsys):
     assert benchmarks["robustness"].main(argv + ["--ledger", str(ledger)]) == 0
     record = json.loads((ledger / "ppo" / "flip0.2" / "seed0.json").read_text())
     assert record["meta"]["cpu"] and record["meta"]["commit"] and "--model.algorithm ppo" in record["meta"]["command"]
-    # What the run computed with: tiny.yaml's pinned float32 (not the setting's "auto"), the setting's one thread.
-    assert record["meta"]["dtype"] == "float32" and record["meta"]["threads"] == 1
+    # What the run computed with: tiny.yaml's pinned float32 (not the setting's "auto"); its threads are not known
+    # for a run found complete (a run started here records them, below).
+    assert record["meta"]["dtype"] == "float32" and record["meta"]["threads"] is None
     assert sorted(record["outcomes"]) == ["0", "1"] and len(record["outcomes"]["1"]) == 4
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "results.md").rename(tmp_path / "results_from_runs.md")
@@ -129,6 +133,9 @@ def test_robustness_tiny_writes_table_and_plot(benchmarks, tmp_path, capsys):
     assert tables(tmp_path / "results.md") == tables(tmp_path / "results_from_runs.md")
     assert benchmarks["robustness"].main(argv + ["--ledger", str(ledger)]) == 0
     assert "skipped (recorded)" in capsys.readouterr().out and not (tmp_path / "runs" / "ppo" / "flip0.2").exists()
+    # A run started with a ledger records the threads it ran with (the tiny setting's one).
+    assert benchmarks["robustness"].main(argv + ["--seeds", "1", "--ledger", str(ledger)]) == 0
+    assert json.loads((ledger / "ppo" / "flip0.2" / "seed1.json").read_text())["meta"]["threads"] == 1
 
 
 def test_study_record_rejects_a_file_that_is_not_one(tmp_path):
