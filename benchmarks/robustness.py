@@ -14,6 +14,9 @@ curves of gold accuracy, response length, KL and the critic's explained variance
     python benchmarks/robustness.py --tiny --out /tmp/robustness_tiny                          # TinyLM, seconds
     python benchmarks/robustness.py --medium --noises none vote --dry-run                      # print the commands
 
+To wind a study down without losing work, touch ``OUT/STOP`` (or start it with ``--stop-after MINUTES``): the runs
+in flight finish and no new one starts; the next invocation goes on from there.
+
 Resume-safe: a run whose events already hold the final validation (``val/accuracy`` at the last rollout) is skipped;
 an unfinished one is moved aside to ``seed<k>.incomplete<n>`` (its log is kept) and started again. With ``--ledger
 DIR`` every finished run is also kept as one small JSON record ``DIR/<algorithm>/<noise>/seed<k>.json`` (scalars,
@@ -40,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -325,13 +328,27 @@ def write_record(run: Run, seconds: float | None, threads: int | None = None) ->
                  "command": shlex.join(run.command)})
 
 
-def execute(run: Run, max_steps: int, threads: int | None) -> tuple[Run, str]:
-    """Runs one training subprocess unless already complete; returns (run, 'done'|'skipped'|'failed ...')."""
+def stop_reason(out: Path, deadline: float | None) -> str | None:
+    """Why no new run may start: ``OUT/STOP`` exists, or ``--stop-after`` minutes have passed; else None."""
+    if (out / "STOP").exists():
+        return f"{out / 'STOP'} exists (delete it to go on)"
+    if deadline is not None and time.monotonic() >= deadline:
+        return "--stop-after minutes have passed"
+    return None
+
+
+def execute(run: Run, max_steps: int, threads: int | None, out: Path | None = None,
+            deadline: float | None = None) -> tuple[Run, str]:
+    """Runs one training subprocess unless already complete, or unless a stop was asked for (:func:`stop_reason`;
+    runs in flight finish); returns (run, 'done'|'skipped ...'|'not started ...'|'failed ...')."""
     if recorded(run, max_steps) is not None:
         return run, "skipped (recorded)"
     if _finished(read_scalars(run.dir), max_steps):
         write_record(run, None)  # finished in an earlier invocation: its threads are not known here
         return run, "skipped (complete)"
+    reason = None if out is None else stop_reason(out, deadline)
+    if reason is not None:
+        return run, f"not started: {reason}"
     if run.dir.exists():  # an interrupted run: keep its log beside, start again in a clean directory
         n = 1
         while run.dir.with_name(f"{run.dir.name}.incomplete{n}").exists():
@@ -533,6 +550,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--devices", help="--trainer.devices for every run")
     p.add_argument("--threads", type=int, help="OMP threads per run (default: the setting's, else torch's)")
     p.add_argument("--jobs", type=int, help="runs at once (default: the setting's; a GPU fits several 135M runs)")
+    p.add_argument("--stop-after", type=float, metavar="MINUTES", help="start no run after this many minutes; the "
+                   "runs in flight finish (fit a study into a session; touching OUT/STOP does the same at any time)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and whether each run is complete")
     p.add_argument("--report-only", action="store_true", help="only rebuild results.md and robustness.png")
     args = p.parse_args(argv)
@@ -565,9 +584,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.report_only:
         start = time.perf_counter()
+        deadline = None if args.stop_after is None else time.monotonic() + 60 * args.stop_after
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            jobs = [pool.submit(execute, run, args.max_steps, args.threads) for run in runs]
-            for done, job in enumerate(jobs, 1):
+            jobs = [pool.submit(execute, run, args.max_steps, args.threads, out, deadline) for run in runs]
+            for done, job in enumerate(as_completed(jobs), 1):  # reported as they end (runs differ in length)
                 run, status = job.result()
                 elapsed = time.perf_counter() - start
                 eta = elapsed / done * (len(runs) - done)

@@ -242,3 +242,20 @@ def test_throughput_compute_bound_counts_every_critic_pass(benchmarks):
     assert flops(4) - flops(1) == 3 * per_critic_pass
     assert flops(None) == flops(1)  # None: as many as the policy's epochs
     assert flops(4, critic=False) == flops(1, critic=False)
+
+
+@pytest.mark.parametrize("how", ["stop file", "stop after"])
+def test_robustness_winds_down_without_starting_runs(benchmarks, tmp_path, capsys, how):
+    """OUT/STOP (or --stop-after minutes passed) starts no new run; the report still comes out and lists the runs
+    as missing, and nothing counts as failed."""
+    argv = ["--tiny", "--out", str(tmp_path), "--algorithms", "ppo", "--noises", "flip0.2", "--max-steps", "1"]
+    if how == "stop file":
+        (tmp_path / "STOP").touch()
+    else:
+        argv += ["--stop-after", "0"]
+    assert benchmarks["robustness"].main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ppo / flip0.2 / seed 0: not started: " in out
+    assert ("STOP exists (delete it to go on)" if how == "stop file" else "--stop-after minutes have passed") in out
+    assert not (tmp_path / "runs" / "ppo").exists()
+    assert "Missing (failed or not run): ppo/flip0.2/seed0" in (tmp_path / "results.md").read_text()
