@@ -454,7 +454,8 @@ def results_markdown(results: dict, noises: list[str], header: str) -> str:
 
 def plot(results: dict, noises: list[str], path: Path) -> None:
     """``path``: final accuracy with intervals and the paired differences; ``path``'s ``_curves`` sibling: gold
-    accuracy, response length, KL and explained variance over rollout batches, one column per noise."""
+    accuracy, response length, KL and explained variance over rollout batches, one column per noise. Noises without
+    a finished run yet (a study under way) are left out of both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -462,7 +463,10 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
 
     from vrpo_pl.study import CURVES, cell, mean_curve, paired
 
-    algorithms = list(dict.fromkeys(a for a, _ in results))
+    # Only what has finished runs (a study under way), in plan order.
+    algorithms = list(dict.fromkeys(a for (a, n), runs in results.items() if runs)) or list(
+        dict.fromkeys(a for a, _ in results))
+    noises = [n for n in noises if any(results.get((a, n)) for a in algorithms)] or noises[:1]
     colors = {a: plt.cm.tab10(i) for i, a in enumerate(algorithms)}
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5))
     width = 0.8 / max(len(algorithms), 1)
