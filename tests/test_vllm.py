@@ -134,6 +134,24 @@ def test_a_skipped_sync_is_caught(sampler, monkeypatch):
     assert gap > BF16_TOLERANCE
 
 
+def test_only_a_partial_reload_is_quieted():
+    """The reload logger goes to ERROR for a partial sync only, and gets its level back after either. (vLLM's
+    "<Layer>: Failed to load weights" lines came ~130 per sync in a SmolLM2 quickstart; the tiny model here does not
+    provoke them, so this checks the switch itself.)"""
+    import logging
+
+    from vrpo_pl.sampling_vllm import RELOAD_LOGGER, quiet_partial_reload
+
+    logger = logging.getLogger(RELOAD_LOGGER)
+    level = logger.level
+    with quiet_partial_reload(False):
+        assert logger.level == level
+    with quiet_partial_reload(True):
+        assert logger.getEffectiveLevel() == logging.ERROR
+        assert not logging.getLogger(f"{RELOAD_LOGGER}.layerwise").isEnabledFor(logging.WARNING)
+    assert logger.level == level
+
+
 @needs_vllm
 def test_weights_changed_without_update_are_synced_before_sampling(sampler):
     """A restored checkpoint writes the weights in place without an ``update``: the fingerprint check syncs them."""

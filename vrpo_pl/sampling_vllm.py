@@ -34,10 +34,13 @@ Shapes: B sequences, P prompt length (left-padded), A response length.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -103,6 +106,26 @@ def weights_fingerprint(policy: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((id(p), p._version) for p in policy.parameters() if p.requires_grad)
 
 
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload"
+"""vLLM's in-place reload: it warns "<Layer>: Failed to load weights" for every layer a reload leaves out, and lists
+the weights "not loaded from checkpoint" (about 130 lines per sync of SmolLM2), which a partial sync does by design
+(those layers keep their weights)."""
+
+
+@contextmanager
+def quiet_partial_reload(partial: bool) -> Iterator[None]:
+    """Only errors from vLLM's reload during a partial sync (``partial``); a full sync keeps its warnings, where a
+    weight left out would be a real fault."""
+    logger = logging.getLogger(RELOAD_LOGGER)
+    level = logger.level
+    if partial:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _repack_tied_head(model: nn.Module) -> None:
     """Repacks a tied LM head after a reload (runs inside vLLM's worker). vLLM's CPU backend packs the head's weight
     into its own matmul format when the model loads; a reload skips ``lm_head.*`` when the head is tied to the
@@ -153,9 +176,11 @@ class VLLMSampler(Sampler):
         """Copies the policy's current weights into the engine: all of them for a policy the engine has not seen,
         else what an update changes (:func:`policy_weights`)."""
         start = time.perf_counter()
-        weights = policy_weights(policy, changed_only=self._policy_id == id(policy))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
-                                                          "is_checkpoint_format": True})
+        partial = self._policy_id == id(policy)
+        weights = policy_weights(policy, changed_only=partial)
+        with quiet_partial_reload(partial):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+                                                              "is_checkpoint_format": True})
         if any(name.endswith("embed_tokens.weight") for name, _ in weights):
             self.llm.apply_model(_repack_tied_head)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
