@@ -502,7 +502,7 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(len(CURVES), len(noises), figsize=(3.2 * len(noises), 2.6 * len(CURVES)),
+    fig, axes = plt.subplots(len(CURVES), len(noises), figsize=(max(3.2 * len(noises), 6.4), 2.6 * len(CURVES)),
                              squeeze=False, sharex=True)
     for j, n in enumerate(noises):
         for i, tag in enumerate(CURVES):
@@ -525,7 +525,7 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
     axes[0, 0].legend(fontsize=7)
     for axis in axes[-1]:
         axis.set_xlabel("rollout batches", fontsize=8)
-    fig.suptitle("Means over seeds (thick) and every run (thin), per noise (columns)")
+    fig.suptitle("Means over seeds (thick) and every run (thin), per noise (columns)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path.with_name(path.stem + "_curves.png"), dpi=100)
     plt.close(fig)
