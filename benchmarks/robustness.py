@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -300,15 +299,14 @@ def run_dtype(run: Run) -> str:
     import torch
     import yaml
 
-    from vrpo_pl.models import resolve_dtype
+    from vrpo_pl.models import all_trained_by_lora, resolve_dtype
 
     path = run.dir / "config.yaml"
     if not path.exists():
         return "unknown"
     config = yaml.safe_load(path.read_text())
     model, trainer = config.get("model") or {}, config.get("trainer") or {}
-    lora_everywhere = model.get("lora") is not None and (model.get("algorithm") == "grpo"
-                                                         or model.get("critic_lora") is not None)
+    lora_everywhere = all_trained_by_lora(model.get("algorithm"), model.get("lora"), model.get("critic_lora"))
     gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     return resolve_dtype(model.get("dtype", "auto"), lora_everywhere, torch.device("cuda" if gpu else "cpu"))
 
@@ -395,7 +393,7 @@ def _noise_label(noise: str) -> str:
 def results_markdown(results: dict, noises: list[str], header: str) -> str:
     """Tables: final gold accuracy with intervals, paired differences of VRPO against PPO and GRPO, every cell's
     details, and the ablations."""
-    from vrpo_pl.study import cell, paired
+    from vrpo_pl.study import cell, outcome_matrix, paired
 
     cells = {key: cell(runs) for key, runs in results.items() if runs}
     algorithms = list(dict.fromkeys(a for a, _ in results))
@@ -421,7 +419,7 @@ def results_markdown(results: dict, noises: list[str], header: str) -> str:
     for n in noises:
         by_seed = {(a, r.seed): r for a in algorithms for r in results.get((a, n), [])}
         for seed in sorted({seed for _, seed in by_seed}):
-            final = {a: statistics.fmean(by_seed[(a, seed)].outcomes[max(by_seed[(a, seed)].outcomes)].values())
+            final = {a: float(outcome_matrix([by_seed[(a, seed)]], "final").mean())
                      for a in algorithms if (a, seed) in by_seed}
             diffs = [f"{final['vrpo'] - final[b]:+.3f}" if "vrpo" in final and b in final else ""
                      for b in ("ppo", "grpo")]

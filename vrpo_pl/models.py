@@ -58,6 +58,16 @@ def bf16_is_fast(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_bf16()
 
 
+def all_trained_by_lora(algorithm: str, lora: object | None, critic_lora: object | None) -> bool:
+    """Whether every model that trains does so through LoRA: the policy has adapters and, for an algorithm with a
+    critic (all but ``grpo``), so has the critic's body.
+
+    >>> all_trained_by_lora("grpo", "spec", None), all_trained_by_lora("ppo", "spec", None)
+    (True, False)
+    """
+    return lora is not None and (algorithm == "grpo" or critic_lora is not None)
+
+
 def resolve_dtype(name: DType, all_trained_by_lora: bool, device: torch.device) -> str:
     """The weights' dtype for ``--model.dtype``: ``auto`` is bfloat16 where that is safe and fast, else float32.
 

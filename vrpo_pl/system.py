@@ -48,7 +48,7 @@ from vrpo_pl import losses as L
 from vrpo_pl.advantages import RunningMoments, compute_advantages, masked_mean, transform_scores
 from vrpo_pl.critic import ValueModel
 from vrpo_pl.metrics import PhaseTimer, rollout_metrics
-from vrpo_pl.models import DType, LMSource, LoRASpec, build_models, resolve_dtype, torch_dtype
+from vrpo_pl.models import DType, LMSource, LoRASpec, all_trained_by_lora, build_models, resolve_dtype, torch_dtype
 from vrpo_pl.rewards.base import (
     RewardError,
     RewardFunction,
@@ -183,7 +183,7 @@ class RLSystem(pl.LightningModule):
     def model_dtype(self) -> torch.dtype:
         """The weights' dtype, ``--model.dtype`` with ``auto`` resolved for the training device."""
         device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        lora_everywhere = self.lora_spec is not None and (not self.uses_critic or self.critic_lora_spec is not None)
+        lora_everywhere = all_trained_by_lora(self.algorithm, self.lora_spec, self.critic_lora_spec)
         return torch_dtype(resolve_dtype(self.dtype_name, lora_everywhere, device))
 
     @property
