@@ -259,3 +259,32 @@ def test_robustness_winds_down_without_starting_runs(benchmarks, tmp_path, capsy
     assert ("STOP exists (delete it to go on)" if how == "stop file" else "--stop-after minutes have passed") in out
     assert not (tmp_path / "runs" / "ppo").exists()
     assert "Missing (failed or not run): ppo/flip0.2/seed0" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("variant, critic, key_signal", [
+    ("vrpo_weight", {"aux": "weight", "beta": 1e-4}, "entropy"),
+    ("vrpo_key_only", {"aux": "predict", "aux_key_only": True}, "entropy"),
+    ("vrpo_weight_surprisal", {"aux": "weight"}, "surprisal"),
+    ("vrpo_beta1e-3", {"aux": None, "beta": 1e-3, "vib": None}, "entropy"),
+])
+def test_robustness_variants_parse_to_their_settings(benchmarks, tmp_path, capsys, monkeypatch, variant, critic,
+                                                     key_signal):
+    """Each of VRPO's named variants is a command line the CLI reads as that variant, with both study callbacks
+    (the surprisal variant's own callback list replaces the common one, it does not add a second FrozenLMTargets)."""
+    from vrpo_pl.cli import cli
+
+    assert variant in benchmarks["robustness"].VARIANTS
+    assert benchmarks["robustness"].main(["--tiny", "--out", str(tmp_path), "--algorithms", variant, "--noises",
+                                          "none", "--dry-run"]) == 0
+    command = next(shlex.split(line) for line in capsys.readouterr().out.splitlines() if " fit " in line)
+    monkeypatch.setattr(sys, "argv", ["vrpo"])
+    with pytest.raises(SystemExit):
+        cli(["fit", "--print_config", *command[command.index("fit") + 1:]])
+    import yaml
+
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["algorithm"] == "vrpo"
+    assert {k: config["model"]["critic"][k] for k in critic} == critic
+    callbacks = config["trainer"]["callbacks"]
+    assert [c["class_path"].rsplit(".", 1)[1] for c in callbacks] == ["FrozenLMTargets", "ValidationOutcomes"]
+    assert callbacks[0]["init_args"]["key_signal"] == key_signal
