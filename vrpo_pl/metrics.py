@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from vrpo_pl.advantages import masked_mean
 from vrpo_pl.losses import correlation_from_sums, explained_variance_from_sums
 
 Reduction = Literal["token_mean", "seq_mean", "step_mean", "sum", "correlation", "explained_variance", "constant"]
@@ -176,6 +177,16 @@ def rollout_metrics(r, kl: Tensor, train: Tensor, gold: Tensor | None, *, kl_coe
         m.token_mean("adv/abs_key", r.advantages.abs(), r.key)
         m.token_mean("adv/abs_other", r.advantages.abs(), mask - r.key)
     return m
+
+
+def sample_records(batch: dict, texts: list[str], r, train: Tensor, gold: Tensor | None, n: int = 8) -> list[dict]:
+    """The first ``n`` samples of a rollout batch as plain records (prompt, response, answer, training and gold
+    reward, mean advantage over the response's tokens), for the sample logger."""
+    adv = masked_mean(r.advantages, r.mask, dim=1)
+    answers = batch.get("answer") or [None] * r.size
+    return [{"prompt": batch["prompt"][i], "response": texts[i], "answer": answers[i], "reward_train": float(train[i]),
+             "reward_gold": None if gold is None else float(gold[i]), "advantage": float(adv[i])}
+            for i in range(min(n, r.size))]
 
 
 class PhaseTimer:

@@ -5,7 +5,7 @@ One ``training_step`` consumes one rollout batch and runs, in order:
 1. rollout: sample responses; log-probs of the policy and the reference, the guide's entropy/surprisal (from the
    reference pass when the guide is the reference) and the critic's values, all without gradients
    (:mod:`vrpo_pl.rollout`);
-2. score: the reward function's training reward and, beside it, the gold reward;
+2. score: the reward function's training reward and, beside it, the gold reward (:mod:`vrpo_pl.scoring`);
 3. shape: the KL penalty, per token in the reward (PPO/VRPO) or in the loss (GRPO);
 4. advantages: GAE + whitening (PPO/VRPO) or group normalization (GRPO) (:mod:`vrpo_pl.advantages`);
 5. update: PPO epochs over shuffled mini-batches, the policy and the critic with their own optimizers, gradient
@@ -45,18 +45,11 @@ from torchmetrics import MeanMetric
 
 from vrpo_pl import checkpoint, distributed, validation
 from vrpo_pl import losses as L
-from vrpo_pl.advantages import RunningMoments, compute_advantages, masked_mean, transform_scores
+from vrpo_pl.advantages import RunningMoments, compute_advantages
 from vrpo_pl.critic import ValueModel
-from vrpo_pl.metrics import PhaseTimer, rollout_metrics
+from vrpo_pl.metrics import PhaseTimer, rollout_metrics, sample_records
 from vrpo_pl.models import DType, LMSource, LoRASpec, all_trained_by_lora, build_models, resolve_dtype, torch_dtype
-from vrpo_pl.rewards.base import (
-    RewardError,
-    RewardFunction,
-    call_reward,
-    check_nonfinite_streak,
-    needs_groups,
-    nonfinite_message,
-)
+from vrpo_pl.rewards.base import RewardFunction, call_reward, needs_groups
 from vrpo_pl.rollout import (
     GenerationSettings,
     PromptSettings,
@@ -67,6 +60,7 @@ from vrpo_pl.rollout import (
     score_rollout,
 )
 from vrpo_pl.sampling import make_sampler
+from vrpo_pl.scoring import count_skipped, score_batch, training_scores
 from vrpo_pl.settings import (
     CriticSettings,
     KLSettings,
@@ -272,19 +266,19 @@ class RLSystem(pl.LightningModule):
         with self.timer("rollout"):
             rollout = self._rollout(batch)
         self.last_rollout = rollout
-        # 2. Score: training reward (maybe noisy) and gold reward.
+        # 2. Score: training reward (maybe noisy) and gold reward (:mod:`vrpo_pl.scoring`).
         with self.timer("score"):
-            texts, completions, scores = self._score(batch, rollout)
-        if scores is None:  # a non-finite reward: nothing trains on this batch; too many in a row stop the run
-            self._nonfinite_in_row["reward"] = self._nonfinite_in_row.get("reward", 0) + 1
-            check_nonfinite_streak(self.reward, self._nonfinite_in_row["reward"], self.ppo.max_nonfinite_updates,
-                                   self.rollouts)
+            scored = score_batch(self.reward, self.tokenizer, batch, rollout, where=f"rollout batch {self.rollouts}",
+                                 on_nonfinite=self.reward_settings.on_nonfinite, device=self.device, warn=self.print)
+        # A non-finite reward: nothing trains on this batch; too many in a row stop the run.
+        count_skipped(self._nonfinite_in_row, scored.train is None, self.reward, self.ppo.max_nonfinite_updates,
+                      self.rollouts)
+        if scored.train is None:
             self._count_rollout()
             self._log_metrics({"reward/skipped_batches": 1.0})
             return
-        self._nonfinite_in_row["reward"] = 0
-        train_scores, gold, reward_metrics = scores
-        rollout.scores = self._transform_scores(train_scores)
+        train_scores, gold = scored.train, scored.gold
+        rollout.scores = training_scores(train_scores, self.reward_moments, self.reward_settings)
         # 3. Shape: per-token KL to the reference.
         kl = L.kl_estimate(rollout.logp, rollout.ref_logp, self.kl.estimator) * rollout.mask
         # 4. Advantages.
@@ -296,12 +290,12 @@ class RLSystem(pl.LightningModule):
         # 6. Log.
         self._count_rollout()
         measured = rollout_metrics(rollout, kl, train_scores, gold, kl_coef=self.kl_coef, rollouts=self.rollouts)
-        metrics = {**measured.compute(distributed.all_reduce_sum), **reward_metrics, **update_metrics}
+        metrics = {**measured.compute(distributed.all_reduce_sum), **scored.metrics, **update_metrics}
         world = self.trainer.world_size
         metrics.update({f"perf/{name}_s": seconds for name, seconds in self.timer.seconds.items()})
         metrics["perf/samples_per_s"] = rollout.size * world / (time.perf_counter() - start)
         self.last_rollout_stats = {"kl": float(metrics["kl/ref"]), "n_samples": rollout.size * world}
-        self._remember_samples(batch, texts, rollout, train_scores, gold)
+        self.last_samples = sample_records(batch, scored.texts, rollout, train_scores, gold)
         self._log_metrics(metrics)
         self.log_dict({"reward": float(metrics["reward/train"]), "kl": float(metrics["kl/ref"])}, prog_bar=True,
                       logger=False, on_step=True, on_epoch=False, batch_size=rollout.size)
@@ -343,32 +337,6 @@ class RLSystem(pl.LightningModule):
             rollout.guide_targets, rollout.key = targets.standardized, targets.key
         return rollout
 
-    def _score(self, batch: dict[str, Any], rollout: Rollout):
-        """The reward function's verdicts: ``(texts, completions, (train (B,), gold (B,) or None, reward metrics))``,
-        or ``None`` in place of the scores when a reward is not finite and ``--model.rewards.on_nonfinite skip``."""
-        texts, completions = decode_completions(self.tokenizer, batch, rollout)
-        where = f"rollout batch {self.rollouts}"
-        result = call_reward(self.reward, completions, where)
-        bad = nonfinite_message(self.reward, result.train, completions, where)
-        # Every rank must take the same branch (a rank that skips while another updates would hang the others in
-        # the update's collectives), so a non-finite reward on any rank skips, or stops, the batch everywhere.
-        any_bad = distributed.all_reduce_max(torch.tensor(float(bad is not None), device=self.device)).item() > 0
-        if any_bad and bad is None:
-            bad = f"the reward {type(self.reward).__name__} was not finite on another rank at {where}"
-        if bad is not None:
-            if self.reward_settings.on_nonfinite == "error":
-                raise RewardError(bad + "; stopping (--model.rewards.on_nonfinite error)")
-            self.print(f"warning: {bad}; skipping this rollout batch (--model.rewards.on_nonfinite skip)")
-            return texts, completions, None
-        train, gold = result.train.to(self.device), None if result.gold is None else result.gold.to(self.device)
-        return texts, completions, (train, gold, {f"reward/{k}": float(v) for k, v in result.metrics.items()})
-
-    def _transform_scores(self, scores: Tensor) -> Tensor:
-        r = self.reward_settings
-        if r.normalize:
-            self.reward_moments.update(distributed.all_gather_flat(scores))
-        return transform_scores(scores, self.reward_moments if r.normalize else None, r.clip)
-
     def _advantages(self, r: Rollout, kl: Tensor) -> None:
         p = self.ppo
         r.advantages, r.returns = compute_advantages(
@@ -401,16 +369,6 @@ class RLSystem(pl.LightningModule):
         if self._vib_gen is None or self._vib_gen.device != self.device:
             self._vib_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         return self._vib_gen
-
-    # ---------------------------------------------------------------- metrics
-    def _remember_samples(self, batch, texts, r: Rollout, train: Tensor, gold: Tensor | None, n: int = 8) -> None:
-        adv = masked_mean(r.advantages, r.mask, dim=1)
-        self.last_samples = [
-            {"prompt": batch["prompt"][i], "response": texts[i], "answer": (batch.get("answer") or [None] * r.size)[i],
-             "reward_train": float(train[i]), "reward_gold": None if gold is None else float(gold[i]),
-             "advantage": float(adv[i])}
-            for i in range(min(n, r.size))
-        ]
 
     # ------------------------------------------------------------- validation
     @torch.no_grad()
