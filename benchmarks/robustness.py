@@ -30,7 +30,10 @@ noise generator's seed), and every run is validated on the same held-out questio
 algorithms are taken per seed and question. Our choices: the same rollout geometry (P prompts x G samples) and the
 same fixed KL coefficient for every algorithm (no KL controller); "final" training-time quantities (response length,
 KL) are means over the last 10% of rollout batches. The ablations (VRPO's VIB alone and auxiliary loss alone, GRPO
-with the flip-rate correction) run at one noise level (``Setting.ablation_noise``).
+with the flip-rate correction) run at one noise level (``Setting.ablation_noise``). VRPO's variants (``VARIANTS``:
+the ``weight`` form, key tokens only, surprisal key tokens, a tighter bottleneck) run only by name; name the
+baselines with them, since ``OUT/results.md`` reports the runs of its own invocation:
+``--algorithms ppo grpo vrpo vrpo_weight --noises flip0.3`` (complete runs are skipped, not run again).
 """
 
 from __future__ import annotations
@@ -451,20 +454,23 @@ def results_markdown(results: dict, noises: list[str], header: str) -> str:
             f"| {alg} | {n} | {len(c.seeds)} | {c.initial.mean:.3f} | {c.final.mean:.3f} [{c.final.low:.3f}, "
             f"{c.final.high:.3f}] | {c.best.mean:.3f} | {c.length:.1f} | {c.kl:.3f} | {c.explained_variance:.3f} | "
             f"{c.abs_adv_key:.2f} / {c.abs_adv_other:.2f} |".replace("nan", "—"))
-    ablations = sorted({n for a, n in results if a in ("vrpo_vib_only", "vrpo_aux_only", "grpo_corrected")})
+    extra = ("vrpo_vib_only", "vrpo_aux_only", "grpo_corrected", *VARIANTS)
+    ablations = sorted({n for a, n in results if a in extra and results[(a, n)]})
     for n in ablations:
-        lines += ["", f"## Ablations at `{n}` (paired differences against PPO, final)", "",
-                  "| algorithm | final accuracy | minus PPO |", "|---|---|---|"]
+        lines += ["", f"## Ablations and variants at `{n}` (paired differences, final)", "",
+                  "| algorithm | final accuracy | minus PPO | minus VRPO |", "|---|---|---|---|"]
         for alg in algorithms:
             if results.get((alg, n)) and alg != "ppo":
-                d = paired(results[(alg, n)], results.get(("ppo", n), []))
-                lines.append(f"| {alg} | {cells[(alg, n)].final.mean:.3f} | {'' if d is None else d} |")
+                d = [paired(results[(alg, n)], results.get((b, n), [])) if alg != b else None for b in ("ppo", "vrpo")]
+                lines.append(f"| {alg} | {cells[(alg, n)].final.mean:.3f} | "
+                             + " | ".join("" if x is None else str(x) for x in d) + " |")
     lines += ["", "Noise settings: " + "; ".join(_noise_label(n) for n in noises) + ".",
               "Best: each run's most accurate validation (biased upward; a reference, not a result). Response length "
               "and KL: mean over the last 10% of rollout batches; explained variance: median over the run's rollout "
               "batches (a batch whose returns barely vary gives a huge negative value that a mean would let "
-              "dominate), averaged over seeds; |advantage| on key tokens (guide entropy in its top 20%) against the "
-              "others: means over the run.", ""]
+              "dominate), averaged over seeds; |advantage| on key tokens (as FrozenLMTargets marks them: guide entropy "
+              "in the batch's top 20%, surprisal for vrpo_weight_surprisal) against the others: means over the run.",
+              ""]
     return "\n".join(lines)
 
 
@@ -483,7 +489,7 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
     algorithms = list(dict.fromkeys(a for (a, n), runs in results.items() if runs)) or list(
         dict.fromkeys(a for a, _ in results))
     noises = [n for n in noises if any(results.get((a, n)) for a in algorithms)] or noises[:1]
-    colors = {a: plt.cm.tab10(i) for i, a in enumerate(algorithms)}
+    colors = {a: plt.cm.tab20(i % 20) for i, a in enumerate(algorithms)}  # 6 study algorithms + 4 variants
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5))
     width = 0.8 / max(len(algorithms), 1)
     for i, alg in enumerate(algorithms):

@@ -288,3 +288,23 @@ def test_robustness_variants_parse_to_their_settings(benchmarks, tmp_path, capsy
     callbacks = config["trainer"]["callbacks"]
     assert [c["class_path"].rsplit(".", 1)[1] for c in callbacks] == ["FrozenLMTargets", "ValidationOutcomes"]
     assert callbacks[0]["init_args"]["key_signal"] == key_signal
+
+
+def test_robustness_report_pairs_a_variant_with_ppo_and_vrpo(benchmarks):
+    """A variant's row in the ablation table holds its paired differences against PPO and against VRPO, taken on
+    the questions of the same seeds (synthetic runs: 4 questions, 2 seeds)."""
+    from vrpo_pl.study import RunResult
+
+    def run(algorithm, seed, correct):  # `correct`: how many of the 4 questions the final validation gets right
+        outcomes = {0: {f"q{i}": 0.0 for i in range(4)}, 2: {f"q{i}": float(i < correct) for i in range(4)}}
+        scalars = {"val/accuracy": [(0, 0.0), (2, correct / 4)], "response/length": [(1, 5.0), (2, 5.0)]}
+        return RunResult(algorithm, "flip0.3", seed, scalars, outcomes)
+
+    results = {(a, "flip0.3"): [run(a, seed, k) for seed in (0, 1)]
+               for a, k in (("ppo", 1), ("vrpo", 2), ("vrpo_weight", 4))}
+    text = benchmarks["robustness"].results_markdown(results, ["flip0.3"], "# header")
+    table = text.split("## Ablations and variants at `flip0.3`")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| vrpo_weight |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1.000"
+    assert cells[2].startswith("+0.750") and cells[3].startswith("+0.500"), row  # minus PPO, minus VRPO

@@ -18,6 +18,9 @@ Reductions:
 
 Adding a metric is one line where it is produced, e.g. ``metrics.token_mean("value/abs_error", err.abs(), mask)``,
 plus its row in the README's metric table.
+
+Beside them: :func:`rollout_metrics` (a rollout batch's metrics), :func:`sample_records` (a few samples as plain
+records for the sample logger) and :class:`PhaseTimer` (the ``perf/*`` phase times).
 """
 
 from __future__ import annotations
@@ -25,13 +28,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from vrpo_pl.advantages import masked_mean
 from vrpo_pl.losses import correlation_from_sums, explained_variance_from_sums
+
+if TYPE_CHECKING:
+    from vrpo_pl.rollout import Rollout
 
 Reduction = Literal["token_mean", "seq_mean", "step_mean", "sum", "correlation", "explained_variance", "constant"]
 
@@ -146,7 +152,7 @@ class MetricAccumulator:
         return out
 
 
-def rollout_metrics(r, kl: Tensor, train: Tensor, gold: Tensor | None, *, kl_coef: float,
+def rollout_metrics(r: Rollout, kl: Tensor, train: Tensor, gold: Tensor | None, *, kl_coef: float,
                     rollouts: int) -> MetricAccumulator:
     """A rollout batch's metrics (see the README's metric table), ready for :meth:`MetricAccumulator.compute`.
 
@@ -179,7 +185,8 @@ def rollout_metrics(r, kl: Tensor, train: Tensor, gold: Tensor | None, *, kl_coe
     return m
 
 
-def sample_records(batch: dict, texts: list[str], r, train: Tensor, gold: Tensor | None, n: int = 8) -> list[dict]:
+def sample_records(batch: dict, texts: list[str], r: Rollout, train: Tensor, gold: Tensor | None,
+                   n: int = 8) -> list[dict]:
     """The first ``n`` samples of a rollout batch as plain records (prompt, response, answer, training and gold
     reward, mean advantage over the response's tokens), for the sample logger."""
     adv = masked_mean(r.advantages, r.mask, dim=1)

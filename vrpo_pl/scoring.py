@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -40,7 +40,8 @@ class ScoredBatch:
     completions: list[Completion]
     """What the reward read (prompt, response, answer and group of each sample)."""
     train: Tensor | None
-    """The training reward (B,), on the rollout's device; None when a non-finite reward skipped the batch."""
+    """The training reward (B,), on the device :func:`score_batch` was given; None when a non-finite reward
+    skipped the batch."""
     gold: Tensor | None = None
     """The gold reward (B,) beside it, None without a gold signal."""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -48,14 +49,24 @@ class ScoredBatch:
 
 
 def score_batch(reward: RewardFunction, tokenizer: Any, batch: dict[str, Any], rollout: Rollout, *, where: str,
-                on_nonfinite: str, device: torch.device, warn: Callable[[str], None]) -> ScoredBatch:
+                on_nonfinite: Literal["skip", "error"], device: torch.device,
+                warn: Callable[[str], None]) -> ScoredBatch:
     """The reward's verdicts on ``rollout``'s responses to ``batch``'s prompts.
 
     Args:
+        reward: the training reward (``--model.reward``); its gold signal is read beside it.
+        tokenizer: decodes the responses.
+        batch: the data module's batch (prompts, answers, groups) that ``rollout`` answered.
+        rollout: the sampled responses.
         where: names the batch in messages (e.g. "rollout batch 7").
         on_nonfinite: ``--model.rewards.on_nonfinite``: ``error`` raises, ``skip`` warns and returns a batch
             without training reward.
+        device: where the scores go (the rollout's device); also where the ranks agree on skipping.
         warn: prints a warning (rank zero's ``print``).
+
+    Returns:
+        The decoded texts, the completions the reward read, and its scores; ``train`` is None when the batch is
+        skipped (a non-finite reward on this or another rank).
 
     Raises:
         RewardError: a non-finite training reward (on any rank) with ``on_nonfinite="error"``.
