@@ -81,9 +81,10 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
     """LightningCLI arguments of one algorithm's measured run (no validation, logger or checkpoints)."""
     config = REPO_ROOT / "configs" / ("tiny.yaml" if args.tiny else "quickstart.yaml")
     lora = json.dumps(LORA)
+    critic_lora = json.dumps({**LORA, "top_layers": args.critic_top_layers})
     out = ["--config", str(config), "--model.algorithm", algorithm, "--model.critic.vib", "null",
            "--model.critic.aux", "null", "--model.reward", '{"class_path": "vrpo_pl.rewards.NumericVerifier"}',
-           "--model.lora", lora, "--model.critic_lora", "null" if algorithm == "grpo" else lora,
+           "--model.lora", lora, "--model.critic_lora", "null" if algorithm == "grpo" else critic_lora,
            "--model.generation.max_new_tokens", str(args.new_tokens), "--model.generation.temperature", "1.0",
            "--model.ppo.epochs", str(args.epochs), "--model.ppo.mini_batch_size", str(args.mini_batch),
            "--model.ppo.micro_batch_size", "null", "--model.validate_at_start", "false",
@@ -200,9 +201,12 @@ def step_flops(system, r) -> float:
     Body = the decoder's linear layers (the embedding lookup is no matmul); the LM head (vocabulary x hidden) counts
     only where logits are computed. Trained passes add 2 x (body + head) per token for activation gradients and,
     without LoRA, 2 x more for the weight gradients. Attention scores and LoRA's low-rank matrices are left out
-    (a few percent at these lengths).
+    (a few percent at these lengths). A critic adapted on its top layers only (``top_layers``) backpropagates
+    through those alone.
     """
     import torch
+
+    from vrpo_pl.models import num_layers_of
 
     config = system.policy.config
     hidden, vocab = config.hidden_size, config.vocab_size
@@ -221,7 +225,12 @@ def step_flops(system, r) -> float:
     epochs, critic_epochs = system.ppo.epochs, system.ppo.critic_epochs or system.ppo.epochs
     flops += epochs * (2 + train_factor) * (body * tokens + head * response)  # policy update
     if system.critic is not None:
-        critic_train = 2.0 if system.critic_lora_spec is not None else 4.0
+        spec = system.critic_lora_spec
+        # LoRA: the backward pass computes activation gradients (2 per weight and token) down to the lowest adapted
+        # layer only; full fine-tuning adds the weight gradients (4 in all).
+        top = None if spec is None else spec.top_layers
+        fraction = 1.0 if top is None else top / num_layers_of(system.critic.backbone)
+        critic_train = 2.0 * fraction if spec is not None else 4.0
         flops += 2 * body * tokens + critic_epochs * (2 + critic_train) * body * tokens  # values, update
     return flops
 
@@ -584,6 +593,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--critic-epochs", type=int, help="the critic's passes per rollout batch "
                    "(--model.ppo.critic_epochs; default: the system's, 4; pass --epochs' value to match a commit "
                    "from before that setting, whose critic made as many passes as the policy)")
+    p.add_argument("--critic-top-layers", type=int, help="the critic's LoRA on its last N layers only "
+                   "(--model.critic_lora.top_layers; default: every layer)")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",

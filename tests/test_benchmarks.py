@@ -232,16 +232,23 @@ def test_throughput_compute_bound_counts_every_critic_pass(benchmarks):
     mask = torch.ones(2, 3)
     rollout = SimpleNamespace(attention_mask=torch.ones(2, 5), prompt_width=2, mask=mask, size=2)
 
-    def flops(critic_epochs, critic=True):
+    from vrpo_pl.models import LoRASpec
+
+    critic_body = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=4))
+
+    def flops(critic_epochs, critic=True, top_layers=None):
         ppo = SimpleNamespace(epochs=1, critic_epochs=critic_epochs)
-        system = SimpleNamespace(policy=policy, lora_spec=object(), critic_lora_spec=object(), sampler_logprobs=True,
-                                 ppo=ppo, critic=object() if critic else None)
+        system = SimpleNamespace(policy=policy, lora_spec=LoRASpec(), critic_lora_spec=LoRASpec(top_layers=top_layers),
+                                 sampler_logprobs=True, ppo=ppo,
+                                 critic=SimpleNamespace(backbone=critic_body) if critic else None)
         return benchmarks["throughput"].step_flops(system, rollout)
 
     per_critic_pass = (2 + 2) * 32 * 10  # forward + activation gradients, 32 body parameters, 10 tokens
     assert flops(4) - flops(1) == 3 * per_critic_pass
     assert flops(None) == flops(1)  # None: as many as the policy's epochs
     assert flops(4, critic=False) == flops(1, critic=False)
+    # Adapters on 1 of 4 layers: each critic pass backpropagates through a quarter of the body.
+    assert flops(4) - flops(4, top_layers=1) == 4 * 2 * 0.75 * 32 * 10
 
 
 @pytest.mark.parametrize("how", ["stop file", "stop after"])

@@ -187,3 +187,20 @@ def test_training_attention_is_eager_for_bf16_on_cpu_and_gives_the_same_gradient
     torch.testing.assert_close(eager, fused, atol=0.05, rtol=0.05)  # bf16 rounding
     with training_attention(lm.float()):
         assert lm.config._attn_implementation == "sdpa"  # float32: left alone
+
+
+def test_lora_on_the_top_layers_only_trains_nothing_below_them():
+    """``top_layers=1``: adapters on the last layer alone; the backward pass leaves every lower layer without a
+    gradient, and a count outside 1..layers is refused with the flag named."""
+    lm = TinyLM().causal_lm(torch.float32)
+    layers = lm.config.num_hidden_layers
+    assert layers >= 2
+    body = apply_lora(copy_backbone(lm), LoRASpec(r=4, alpha=8, top_layers=1), causal_lm=False)
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in body.named_parameters() if p.requires_grad}
+    assert adapted == {str(layers - 1)}
+    seen = []
+    body.base_model.model.layers[layers - 2].register_full_backward_hook(lambda *_: seen.append(1))
+    body(input_ids=torch.randint(0, 300, (2, 7))).last_hidden_state.pow(2).mean().backward()
+    assert not seen, "the backward pass reached a layer below the adapters"
+    with pytest.raises(ValueError, match=r"top_layers=0 .*--model.critic_lora.top_layers"):
+        apply_lora(copy_backbone(lm), LoRASpec(top_layers=0), causal_lm=False)
