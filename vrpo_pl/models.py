@@ -320,17 +320,17 @@ def apply_lora(model: nn.Module, spec: LoRASpec, causal_lm: bool) -> nn.Module:
     """
     from peft import LoraConfig, get_peft_model
 
-    layers = None
+    layers = pattern = None
     if spec.top_layers is not None:
         total = num_layers_of(model)
         if not 1 <= spec.top_layers <= total:
             raise ValueError(f"LoRA top_layers={spec.top_layers} (--model.lora.top_layers or "
                              f"--model.critic_lora.top_layers) must be between 1 and the model's {total} layers")
         layers = list(range(total - spec.top_layers, total))
-    # The name of the module list that holds the layers ("layers" in Llama, "h" in GPT-2): peft finds a module's
-    # layer index after it, also at the start of a name (a body without the causal LM's "model." prefix).
-    pattern = next((name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                    if isinstance(m, nn.ModuleList) and len(m) == num_layers_of(model)), None) if layers else None
+        # The name of the module list that holds the layers ("layers" in Llama, "h" in GPT-2): peft finds a module's
+        # layer index after it, also at the start of a name (a body without the causal LM's "model." prefix).
+        pattern = next((name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                        if isinstance(m, nn.ModuleList) and len(m) == total), None)
     config = LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(spec.target_modules),
         task_type="CAUSAL_LM" if causal_lm else None, layers_to_transform=layers, layers_pattern=pattern,

@@ -19,14 +19,7 @@ from torch import Tensor
 
 from vrpo_pl import distributed
 from vrpo_pl.advantages import RunningMoments, transform_scores
-from vrpo_pl.rewards.base import (
-    Completion,
-    RewardError,
-    RewardFunction,
-    call_reward,
-    check_nonfinite_streak,
-    nonfinite_message,
-)
+from vrpo_pl.rewards.base import RewardError, RewardFunction, call_reward, nonfinite_message
 from vrpo_pl.rollout import Rollout, decode_completions
 from vrpo_pl.settings import RewardSettings
 
@@ -37,8 +30,6 @@ class ScoredBatch:
 
     texts: list[str]
     """The decoded responses."""
-    completions: list[Completion]
-    """What the reward read (prompt, response, answer and group of each sample)."""
     train: Tensor | None
     """The training reward (B,), on the device :func:`score_batch` was given; None when a non-finite reward
     skipped the batch."""
@@ -65,7 +56,7 @@ def score_batch(reward: RewardFunction, tokenizer: Any, batch: dict[str, Any], r
         warn: prints a warning (rank zero's ``print``).
 
     Returns:
-        The decoded texts, the completions the reward read, and its scores; ``train`` is None when the batch is
+        The decoded texts and the reward's scores; ``train`` is None when the batch is
         skipped (a non-finite reward on this or another rank).
 
     Raises:
@@ -81,9 +72,9 @@ def score_batch(reward: RewardFunction, tokenizer: Any, batch: dict[str, Any], r
         if on_nonfinite == "error":
             raise RewardError(bad + "; stopping (--model.rewards.on_nonfinite error)")
         warn(f"warning: {bad}; skipping this rollout batch (--model.rewards.on_nonfinite skip)")
-        return ScoredBatch(texts, completions, None)
+        return ScoredBatch(texts, None)
     gold = None if result.gold is None else result.gold.to(device)
-    return ScoredBatch(texts, completions, result.train.to(device), gold,
+    return ScoredBatch(texts, result.train.to(device), gold,
                        {f"reward/{k}": float(v) for k, v in result.metrics.items()})
 
 
@@ -91,8 +82,12 @@ def count_skipped(in_row: dict[str, int], skipped: bool, reward: RewardFunction,
     """Counts rollout batches skipped in a row for a non-finite reward (``in_row["reward"]``; a scored batch resets
     it) and stops the run at ``limit`` (``--model.ppo.max_nonfinite_updates``) with a :class:`RewardError`."""
     in_row["reward"] = in_row.get("reward", 0) + 1 if skipped else 0
-    if skipped:
-        check_nonfinite_streak(reward, in_row["reward"], limit, rollout)
+    if in_row["reward"] >= limit:
+        raise RewardError(
+            f"{in_row['reward']} rollout batches in a row had a non-finite reward from {type(reward).__name__} (the "
+            f"last: rollout batch {rollout}), so nothing trained; stopping. Check the reward function, or raise "
+            "--model.ppo.max_nonfinite_updates. Checkpoints already written are intact."
+        )
 
 
 def training_scores(train: Tensor, moments: RunningMoments, settings: RewardSettings) -> Tensor:

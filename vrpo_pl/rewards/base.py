@@ -133,26 +133,6 @@ def nonfinite_message(reward: RewardFunction, train: Tensor, completions: list[C
             "the batch")
 
 
-def check_nonfinite_streak(reward: RewardFunction, in_row: int, limit: int, rollout: int) -> None:
-    """Stops a run whose reward keeps returning non-finite scores (each such rollout batch is skipped).
-
-    Args:
-        reward: the training reward, for the message.
-        in_row: rollout batches in a row skipped for a non-finite reward, this one included.
-        limit: ``--model.ppo.max_nonfinite_updates``.
-        rollout: this rollout batch's index.
-
-    Raises:
-        RewardError: when ``in_row >= limit``.
-    """
-    if in_row >= limit:
-        raise RewardError(
-            f"{in_row} rollout batches in a row had a non-finite reward from {type(reward).__name__} (the last: "
-            f"rollout batch {rollout}), so nothing trained; stopping. Check the reward function, or raise "
-            "--model.ppo.max_nonfinite_updates. Checkpoints already written are intact."
-        )
-
-
 def answer_reader(reward: object) -> RewardFunction | None:
     """The reward, ``reward`` itself or one it wraps (``base``) or scores its gold with (``gold``), that reads
     ``Completion.answer`` for every completion (a ``needs_answers`` attribute, as NumericVerifier's); None if none."""
