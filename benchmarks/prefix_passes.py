@@ -68,7 +68,8 @@ def build(args: argparse.Namespace):
     """``(tokenizer, policy, critic, rollout)``: the models as RLSystem builds them and one sampled rollout batch."""
     import torch
 
-    from vrpo_pl.models import LoRASpec, SmolLM2, TinyLM, build_models
+    from vrpo_pl.lora import LoRASpec
+    from vrpo_pl.models import SmolLM2, TinyLM, build_models
     from vrpo_pl.rollout import GenerationSettings, PromptSettings, sample_rollout
     from vrpo_pl.sampling import LoopSampler
     from vrpo_pl.settings import CriticSettings

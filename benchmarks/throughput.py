@@ -206,7 +206,7 @@ def step_flops(system, r) -> float:
     """
     import torch
 
-    from vrpo_pl.models import num_layers_of
+    from vrpo_pl.lora import num_layers_of
 
     config = system.policy.config
     hidden, vocab = config.hidden_size, config.vocab_size
@@ -411,7 +411,7 @@ def measure_policy_alone(args: argparse.Namespace) -> dict:
     forward/backward."""
     import torch
 
-    from vrpo_pl.models import LoRASpec, apply_lora
+    from vrpo_pl.lora import LoRASpec, apply_lora
     from vrpo_pl.rollout import tokenize_prompts
 
     cli = build_cli("grpo", args)

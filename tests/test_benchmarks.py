@@ -232,7 +232,7 @@ def test_throughput_compute_bound_counts_every_critic_pass(benchmarks):
     mask = torch.ones(2, 3)
     rollout = SimpleNamespace(attention_mask=torch.ones(2, 5), prompt_width=2, mask=mask, size=2)
 
-    from vrpo_pl.models import LoRASpec
+    from vrpo_pl.lora import LoRASpec
 
     critic_body = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=4))
 

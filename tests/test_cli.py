@@ -101,7 +101,7 @@ def test_lora_help_shows_field_docstrings(capsys, monkeypatch):
     """LoRASpec is an optional dataclass: its fields' docstrings show with ``--model.lora.help``."""
     monkeypatch.setattr(sys, "argv", ["vrpo"])
     with pytest.raises(SystemExit) as exit_info:
-        cli(["fit", "--model.lora.help", "vrpo_pl.models.LoRASpec"])
+        cli(["fit", "--model.lora.help", "vrpo_pl.lora.LoRASpec"])
     assert exit_info.value.code == 0
     text = _flat(capsys.readouterr().out)
     assert "--model.lora.r" in text and "Adapter rank." in text

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vrpo_pl.models import LoRASpec, TinyLM, apply_lora, copy_backbone
+from vrpo_pl.lora import LoRASpec, apply_lora
+from vrpo_pl.models import TinyLM, copy_backbone
 
 
 def _base_storages(model: torch.nn.Module) -> set[int]:

@@ -13,7 +13,8 @@ import torch
 from torch.testing import assert_close
 
 from vrpo_pl.critic import ValueHead, ValueModel
-from vrpo_pl.models import LoRASpec, TinyLM, apply_lora, copy_backbone
+from vrpo_pl.lora import LoRASpec, apply_lora
+from vrpo_pl.models import TinyLM, copy_backbone
 from vrpo_pl.prefix import find_shared_prompts, supports_shared_prefix
 from vrpo_pl.rollout import (
     PromptSettings,

@@ -43,7 +43,8 @@ def sampler():
 
 
 def _policy(dtype: torch.dtype, lora: list[str] | None):
-    from vrpo_pl.models import LoRASpec, TinyLM, apply_lora
+    from vrpo_pl.lora import LoRASpec, apply_lora
+    from vrpo_pl.models import TinyLM
     from vrpo_pl.rollout import PromptSettings, tokenize_prompts
 
     source = TinyLM(**TINY)

@@ -4,7 +4,7 @@ Defaults cite their source; where the VRPO paper is silent the default is marked
 its own values when it is built (``__post_init__``) and names the flag in its error; checks that involve the
 algorithm or the data live in :class:`~vrpo_pl.system.RLSystem`.
 ``PromptSettings`` and ``GenerationSettings`` live in :mod:`vrpo_pl.rollout`, ``LoRASpec`` in
-:mod:`vrpo_pl.models`.
+:mod:`vrpo_pl.lora`.
 """
 
 from __future__ import annotations

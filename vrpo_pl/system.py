@@ -47,8 +47,9 @@ from vrpo_pl import checkpoint, distributed, validation
 from vrpo_pl import losses as L
 from vrpo_pl.advantages import RunningMoments, compute_advantages
 from vrpo_pl.critic import ValueModel
+from vrpo_pl.lora import LoRASpec
 from vrpo_pl.metrics import PhaseTimer, rollout_metrics, sample_records
-from vrpo_pl.models import DType, LMSource, LoRASpec, all_trained_by_lora, build_models, resolve_dtype, torch_dtype
+from vrpo_pl.models import DType, LMSource, all_trained_by_lora, build_models, resolve_dtype, torch_dtype
 from vrpo_pl.rewards.base import RewardFunction, call_reward, needs_groups
 from vrpo_pl.rollout import (
     GenerationSettings,
