@@ -613,12 +613,14 @@ def main(argv: list[str] | None = None) -> int:
         deadline = None if args.stop_after is None else time.monotonic() + 60 * args.stop_after
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             jobs = [pool.submit(execute, run, args.max_steps, args.threads, out, deadline) for run in runs]
+            ran = 0  # runs that trained (recorded ones are skipped at once and say nothing of the time left)
             for done, job in enumerate(as_completed(jobs), 1):  # reported as they end (runs differ in length)
                 run, status = job.result()
+                ran += status.startswith(("done", "failed"))
                 elapsed = time.perf_counter() - start
-                eta = elapsed / done * (len(runs) - done)
+                left = f"about {elapsed / ran * (len(runs) - done) / 60:.1f} min left" if ran else "time left unknown"
                 print(f"[{done}/{len(runs)}] {run.algorithm} / {run.noise} / seed {run.seed}: {status} "
-                      f"(elapsed {elapsed / 60:.1f} min, about {eta / 60:.1f} min left)", flush=True)
+                      f"(elapsed {elapsed / 60:.1f} min, {left})", flush=True)
                 if status.startswith("failed"):
                     failed.append(run)
     results = collect(runs, args.max_steps)
