@@ -89,6 +89,7 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
            "--model.ppo.epochs", str(args.epochs), "--model.ppo.mini_batch_size", str(args.mini_batch),
            "--model.ppo.micro_batch_size", "null", "--model.validate_at_start", "false",
            *(["--model.ppo.critic_epochs", str(args.critic_epochs)] if args.critic_epochs is not None else []),
+           *(["--model.compile", "true"] if args.compile else []),
            "--data.prompts_per_rollout", str(args.prompts), "--data.samples_per_prompt", str(args.samples),
            "--trainer.max_steps", str(1 + args.iters), "--trainer.limit_val_batches", "0",
            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
@@ -160,11 +161,17 @@ class PhaseTimer:
         timer = self
 
         class _Callback(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if timer.last_end is None:
+                    timer.first_start = time.perf_counter()
+
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 _sync()
                 now = time.perf_counter()
                 if timer.last_end is not None:
                     timer.iterations.append({**pl_module.phase_seconds, "iteration": now - timer.last_end})
+                else:
+                    timer.warmup = now - timer.first_start
                 timer.captures.append({"rollout": pl_module.last_rollout, "batch": batch})
                 timer.last_end = now
 
@@ -172,6 +179,7 @@ class PhaseTimer:
         self.captures: list[dict] = []
         self.iterations: list[dict[str, float]] = []
         self.last_end: float | None = None
+        self.first_start = self.warmup = float("nan")  # the warm-up rollout batch (compilation included)
 
 
 def matmul_peak(dtype_name: str, threads: int | None = None, device: str = "cpu") -> float:
@@ -389,7 +397,7 @@ def measure(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> 
     tokens = [float(cap["rollout"].mask.sum()) for cap in timer.captures[1:]]
     record = {"algorithm": algorithm, "backend": backend, "peak_bytes": peak,
               "samples": timer.captures[0]["rollout"].size, "tokens": statistics.median(tokens), "framework": [],
-              "bound": bounds[1:]}
+              "bound": bounds[1:], "warmup_s": timer.warmup}
     if backend == "vllm":  # the first sync loads every weight into the fresh engine; the others follow updates
         record["engine_s"], record["sync_s"] = system.sampler.engine_seconds, system.sampler.sync_seconds[1:]
     for it in timer.iterations:
@@ -468,14 +476,14 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
              "for bf16 weights or bf16 precision, else fp32.", "",
              "| algorithm | s / rollout batch | generation | frozen passes | scoring | policy update | critic update "
              "| other | lower bound | ratio | samples/s | tokens/s | gen tokens/s | peak memory | TFLOP "
-             "| compute bound | x bound |",
-             "|---|" + "---:|" * 16]
+             "| compute bound | x bound | warm-up s |",
+             "|---|" + "---:|" * 17]
     bound_lines = ["", "Lower bound (bare model calls, same shapes), seconds:", "",
                    "| algorithm | generation | frozen passes | scoring | policy update | critic update | total |",
                    "|---|" + "---:|" * 6]
     for rec in records:
         if "framework" not in rec:
-            lines.append(f"| {rec['algorithm']} (reference) |" + " |" * 12 + f" {_mb(rec['peak_bytes'])} | | | |")
+            lines.append(f"| {rec['algorithm']} (reference) |" + " |" * 12 + f" {_mb(rec['peak_bytes'])} | | | | |")
             continue
         fw, lb = rec["framework"], rec["bound"]
         for row in lb:
@@ -487,7 +495,8 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                  f"{rec['tokens'] / gen:.0f}", _mb(rec["peak_bytes"])]
         bf16 = rec.get("dtype") == "bfloat16" or "bf16" in args.precision
         compute = rec["flops"] / peaks["bf16" if bf16 else "fp32"]
-        cells += [f"{rec['flops'] / 1e12:.2f}", f"{compute:.3f}", f"**{it / compute:.1f}**"]
+        cells += [f"{rec['flops'] / 1e12:.2f}", f"{compute:.3f}", f"**{it / compute:.1f}**",
+                  f"{rec.get('warmup_s', float('nan')):.1f}"]
         lines.append(f"| {_label(rec)} | " + " | ".join(cells) + " |")
         bound_lines.append(f"| {_label(rec)} | " + " | ".join(f"{_median(lb, k):.3f}" for k in [*PHASES, "total"])
                            + " |")
@@ -495,7 +504,7 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
              "the lower bound (goal <= 1.15). tokens/s: response tokens per second of the whole iteration; gen "
              "tokens/s: per second of generation. TFLOP: the step's matrix arithmetic (benchmarks/throughput.py "
              "step_flops); compute bound: TFLOP / the measured peak, in seconds; x bound: s / rollout batch over the "
-             "compute bound. Peak memory: " + (
+             "compute bound; warm-up s: the first rollout batch, which pays any compilation. Peak memory: " + (
                  "torch.cuda.max_memory_allocated." if args.accelerator in ("gpu", "cuda") else
                  "peak RSS of a fresh process per row." if args.isolate else
                  "peak RSS sampled during the run (one shared process)."), ""]
@@ -595,6 +604,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "from before that setting, whose critic made as many passes as the policy)")
     p.add_argument("--critic-top-layers", type=int, help="the critic's LoRA on its last N layers only "
                    "(--model.critic_lora.top_layers; default: every layer)")
+    p.add_argument("--compile", action="store_true", help="--model.compile: torch.compile the decoder layers' "
+                   "blocks for the update's passes (the warm-up rollout batch pays the compilation)")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",

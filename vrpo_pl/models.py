@@ -310,29 +310,39 @@ def contiguous_lm_head(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def training_attention(*models: nn.Module | None) -> Iterator[None]:
-    """Eager attention for the passes that train, on CPU with bf16 weights; the models' own attention otherwise.
+    """The attention (and, with ``--model.compile``, the compiled blocks) of the passes that train.
 
-    PyTorch's fused CPU attention (``sdpa``) is slow to differentiate in bf16: a forward + backward pass of SmolLM2
-    + LoRA over 8 x 80 tokens took 1.40 s with it and 1.03 s with eager attention (2 AMD EPYC cores), while its
-    forward alone is the faster one (0.41 s against 0.48 s), and in float32 the two are equal. transformers reads
-    ``config._attn_implementation`` at every call, so the switch is free.
+    Eager attention on CPU with bf16 weights, the models' own attention otherwise: PyTorch's fused CPU attention
+    (``sdpa``) is slow to differentiate in bf16: a forward + backward pass of SmolLM2 + LoRA over 8 x 80 tokens
+    took 1.40 s with it and 1.03 s with eager attention (2 AMD EPYC cores), while its forward alone is the faster
+    one (0.41 s against 0.48 s), and in float32 the two are equal. transformers reads
+    ``config._attn_implementation`` at every call, so the switch is free. A model prepared by
+    :func:`vrpo_pl.compile.prepare_compiled_blocks` runs its compiled blocks here, and the compiled eager attention
+    where it would run the eager one.
     """
-    configs = []
+    from vrpo_pl.compile import COMPILED_EAGER_ATTENTION, compiled_blocks, is_compiled
+
+    switched = []
     for model in models:
         if model is None:
             continue
         config = getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
+        original = attention = getattr(config, "_attn_implementation", None) if config is not None else None
         weight = next((p for p in model.parameters() if p.dtype == torch.bfloat16), None)
-        if config is not None and getattr(config, "_attn_implementation", None) == "sdpa" and weight is not None \
-                and weight.device.type == "cpu":
-            configs.append(config)
-    for config in configs:
-        config._attn_implementation = "eager"
+        if attention == "sdpa" and weight is not None and weight.device.type == "cpu":
+            attention = "eager"
+        if attention == "eager" and is_compiled(model):
+            attention = COMPILED_EAGER_ATTENTION
+        if attention != original:
+            switched.append((config, original, attention))
+    for config, _, implementation in switched:
+        config._attn_implementation = implementation
     try:
-        yield
+        with compiled_blocks(*models):
+            yield
     finally:
-        for config in configs:
-            config._attn_implementation = "sdpa"
+        for config, original, _ in reversed(switched):  # policy and critic may share one config
+            config._attn_implementation = original
 
 
 def disable_dropout(model: nn.Module) -> None:

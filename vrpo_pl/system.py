@@ -46,6 +46,7 @@ from torchmetrics import MeanMetric
 from vrpo_pl import checkpoint, distributed, validation
 from vrpo_pl import losses as L
 from vrpo_pl.advantages import RunningMoments, compute_advantages
+from vrpo_pl.compile import prepare_compiled_blocks
 from vrpo_pl.critic import ValueModel
 from vrpo_pl.lora import LoRASpec
 from vrpo_pl.metrics import PhaseTimer, rollout_metrics, sample_records
@@ -98,6 +99,7 @@ class RLSystem(pl.LightningModule):
         critic: CriticSettings = CriticSettings(),
         validate_at_start: bool = True,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -125,6 +127,9 @@ class RLSystem(pl.LightningModule):
             critic: value head, VIB and auxiliary loss.
             validate_at_start: run the greedy validation once before the first rollout (logged at step 0).
             seed: seed of the update's shuffling and of the VIB's sampling.
+            compile: ``torch.compile`` the decoder layers' blocks for the update's passes (:mod:`vrpo_pl.compile`):
+                about 1.2x on a CPU's forward/backward passes, after about 30 s of compilation per model type on 2
+                cores; the decode loop and the frozen passes stay eager. Not with FSDP2.
         """
         super().__init__()
         self.automatic_optimization = False
@@ -137,7 +142,7 @@ class RLSystem(pl.LightningModule):
         self.prompt, self.generation = dataclasses.replace(prompt), dataclasses.replace(generation)
         self.ppo, self.optim, self.kl = dataclasses.replace(ppo), dataclasses.replace(optim), dataclasses.replace(kl)
         self.reward_settings, self.critic_settings = dataclasses.replace(rewards), dataclasses.replace(critic)
-        self.validate_at_start, self.seed = validate_at_start, seed
+        self.validate_at_start, self.seed, self.compile_blocks = validate_at_start, seed, compile
         resolve_algorithm_defaults(algorithm, self.critic_settings, self.kl)
         check_algorithm_settings(algorithm, self.critic_settings, has_critic_model=critic_backbone is not None
                                  or critic_lora is not None)
@@ -223,7 +228,13 @@ class RLSystem(pl.LightningModule):
             # One copy of the base weights for policy and critic, except under FSDP2 (each model is sharded alone).
             share_base=self.device_mesh is None)
         if self.device_mesh is not None:
+            if self.compile_blocks:
+                raise ValueError("--model.compile does not run under FSDP2 (--trainer.strategy); turn one of them off")
             distributed.shard_trainable_models(self.device_mesh, self.policy, self.critic)
+        if self.compile_blocks:
+            for model in (self.policy, self.critic):
+                if model is not None:
+                    prepare_compiled_blocks(model)
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
