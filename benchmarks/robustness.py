@@ -544,11 +544,16 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
                 axis.set_ylabel(tag, fontsize=8)
             if tag == "value/explained_variance":
                 axis.set_ylim(-0.5, 1)
-    axes[0, 0].legend(fontsize=7)
+    handles = {}  # one legend for the figure: an algorithm may appear under some noises only (the ablations)
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(len(handles), 8), fontsize=8,
+               bbox_to_anchor=(0.5, 0.965), frameon=False)
     for axis in axes[-1]:
         axis.set_xlabel("rollout batches", fontsize=8)
     fig.suptitle("Means over seeds (thick) and every run (thin), per noise (columns)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path.with_name(path.stem + "_curves.png"), dpi=100)
     plt.close(fig)
 
