@@ -59,20 +59,24 @@ def compile_targets(layer: nn.Module) -> list[nn.Module]:
     return targets
 
 
-def prepare_compiled_blocks(model: nn.Module) -> int:
-    """Gives every target module of ``model``'s decoder layers a compiled forward (used inside
-    :func:`compiled_blocks` only); returns how many modules. Compilation itself happens at their first call."""
+def prepare_compiled_blocks(*models: nn.Module | None) -> int:
+    """Gives every target module of each model's decoder layers a compiled forward (used inside
+    :func:`compiled_blocks` only); None entries are skipped. Returns how many modules; compilation itself happens
+    at their first call."""
     # One graph per module type, grad mode and shape family: the policy's and the critic's projections differ in
     # their adapters' shapes (q/o against k/v under grouped-query attention), and the old log-probs' pass runs
     # without gradients. SmolLM2's VRPO run makes 11 such recompilations; dynamo's default limit is 8 per function,
     # past which it would run the function eagerly with a warning.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     count = 0
-    for layer in decoder_layers(model):
-        for module in compile_targets(layer):
-            module._vrpo_compiled_forward = torch.compile(module.forward, dynamic=True)
-            count += 1
-    model._vrpo_compiled = True
+    for model in models:
+        if model is None:
+            continue
+        for layer in decoder_layers(model):
+            for module in compile_targets(layer):
+                module._vrpo_compiled_forward = torch.compile(module.forward, dynamic=True)
+                count += 1
+        model._vrpo_compiled = True
     register_compiled_eager_attention()
     return count
 

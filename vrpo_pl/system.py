@@ -232,9 +232,7 @@ class RLSystem(pl.LightningModule):
                 raise ValueError("--model.compile does not run under FSDP2 (--trainer.strategy); turn one of them off")
             distributed.shard_trainable_models(self.device_mesh, self.policy, self.critic)
         if self.compile_blocks:
-            for model in (self.policy, self.critic):
-                if model is not None:
-                    prepare_compiled_blocks(model)
+            prepare_compiled_blocks(self.policy, self.critic)
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
