@@ -11,8 +11,8 @@ specialize on each layer's cache. One graph per module type then serves all laye
 
 The compiled forwards are switched on only inside :func:`compiled_blocks`, which :func:`vrpo_pl.models.
 training_attention` enters for the update's passes and for the pass that computes the old log-probs (so the first
-PPO ratio is 1 in the update's own numerics). The decode loop and the frozen passes stay eager: they run under
-``no_grad`` with other shapes, and compiling them too would cost more compilation than it saves.
+PPO ratio is 1 in the update's own numerics). The decode loop and the frozen passes (reference, guide, values) stay
+eager: they are not where the time goes (``docs/performance.md``), and each would add graphs of its own to compile.
 """
 
 from __future__ import annotations
