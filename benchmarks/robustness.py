@@ -414,7 +414,7 @@ def _noise_label(noise: str) -> str:
 def results_markdown(results: dict, noises: list[str], header: str) -> str:
     """Tables: final gold accuracy with intervals, paired differences of VRPO against PPO and GRPO, every cell's
     details, and the ablations."""
-    from vrpo_pl.study import cell, outcome_matrix, paired
+    from vrpo_pl.study import cell, outcome_matrix, paired, pooled_paired
 
     cells = {key: cell(runs) for key, runs in results.items() if runs}
     algorithms = list(dict.fromkeys(a for a, _ in results))
@@ -434,6 +434,15 @@ def results_markdown(results: dict, noises: list[str], header: str) -> str:
         diffs = [paired(vrpo, results.get((base, n), []), at) if vrpo else None
                  for at in ("final", "best") for base in ("ppo", "grpo")]
         lines.append(f"| {n} | " + " | ".join("" if d is None else str(d) for d in diffs) + " |")
+    noisy = [n for n in noises if n != "none" and results.get(("vrpo", n))]
+    if len(noisy) > 1:  # the average over the noisy cells: one question asked with every run behind it
+        diffs = [pooled_paired([(results[("vrpo", n)], results.get((base, n), [])) for n in noisy], at)
+                 for at in ("final", "best") for base in ("ppo", "grpo")]
+        shared = [len({r.seed for r in results[("vrpo", n)]} & {r.seed for r in results.get(("ppo", n), [])})
+                  for n in noisy]
+        lines.append(f"| **every noisy cell, pooled** ({sum(k > 0 for k in shared)} cells, {sum(shared)} seeds "
+                     "paired with PPO) | "
+                     + " | ".join("" if d is None else f"**{d}**" for d in diffs) + " |")
     lines += ["", "## Per seed (final gold accuracy; a difference that changes sign from seed to seed is not a "
               "method's)", "", "| noise | seed | " + " | ".join(algorithms) + " | VRPO - PPO | VRPO - GRPO |",
               "|---|---|" + "---|" * (len(algorithms) + 2)]

@@ -315,3 +315,23 @@ def test_robustness_report_pairs_a_variant_with_ppo_and_vrpo(benchmarks):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "1.000"
     assert cells[2].startswith("+0.750") and cells[3].startswith("+0.500"), row  # minus PPO, minus VRPO
+
+
+def test_robustness_report_pools_the_noisy_cells(benchmarks):
+    """The pooled row averages VRPO - PPO over every noisy cell's paired seeds (the clean cell stays out): +0.5 in
+    one cell and 0.0 in the other give +0.25; a cell with one algorithm alone adds nothing."""
+    from vrpo_pl.study import RunResult, pooled_paired
+
+    def run(algorithm, noise, seed, correct):
+        outcomes = {0: {f"q{i}": 0.0 for i in range(4)}, 2: {f"q{i}": float(i < correct) for i in range(4)}}
+        return RunResult(algorithm, noise, seed, {"val/accuracy": [(0, 0.0), (2, correct / 4)]}, outcomes)
+
+    counts = {"none": {"ppo": 0, "vrpo": 4}, "flip0.3": {"ppo": 1, "vrpo": 3}, "vote": {"ppo": 2, "vrpo": 2}}
+    results = {(a, n): [run(a, n, seed, k) for seed in (0, 1)] for n, ks in counts.items() for a, k in ks.items()}
+    results[("vrpo", "random")] = [run("vrpo", "random", 0, 1)]
+    pooled = pooled_paired([(results[("vrpo", n)], results[("ppo", n)]) for n in ("flip0.3", "vote")])
+    assert pooled.mean == 0.25 and pooled.low <= 0.25 <= pooled.high
+    assert pooled_paired([(results[("vrpo", "random")], [])]) is None
+    text = benchmarks["robustness"].results_markdown(results, ["none", "flip0.3", "vote", "random"], "# h")
+    row = next(line for line in text.splitlines() if "every noisy cell, pooled" in line)
+    assert "(2 cells, 4 seeds paired with PPO)" in row and row.split("|")[2].strip().startswith("**+0.250"), row

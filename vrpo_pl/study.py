@@ -155,6 +155,26 @@ def paired(runs_a: list[RunResult], runs_b: list[RunResult], rollout: int | str 
     return paired_difference(outcome_matrix(runs_a, rollout, questions), outcome_matrix(runs_b, rollout, questions))
 
 
+def pooled_paired(pairs: list[tuple[list[RunResult], list[RunResult]]], rollout: int | str = "final"
+                  ) -> Estimate | None:
+    """``a - b`` pooled over several cells (e.g. every noise): each cell's paired seeds become rows of one (cell x
+    seed, questions) array over the questions every run answered, then :func:`bootstrap_mean` resamples rows and
+    questions. The average difference over the cells, with the run-to-run spread of all of them behind its interval;
+    None without a shared seed."""
+    matched = []
+    for runs_a, runs_b in pairs:
+        seeds = {r.seed for r in runs_a} & {r.seed for r in runs_b}
+        matched.append(([r for r in runs_a if r.seed in seeds], [r for r in runs_b if r.seed in seeds]))
+    matched = [(a, b) for a, b in matched if a]
+    if not matched:
+        return None
+    chosen = [c for a, b in matched for c in _chosen(a + b, rollout)]
+    questions = sorted(set.intersection(*(set(c) for c in chosen)))
+    rows = [outcome_matrix(a, rollout, questions).double() - outcome_matrix(b, rollout, questions).double()
+            for a, b in matched]
+    return bootstrap_mean(torch.cat(rows))
+
+
 def mean_curve(runs: list[RunResult], tag: str) -> tuple[list[int], list[float]]:
     """A tag's curve averaged over the runs at the steps they all logged."""
     curves = [dict(r.scalars[tag]) for r in runs if r.scalars.get(tag)]
