@@ -492,7 +492,7 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vrpo_pl.study import CURVES, cell, mean_curve, paired
+    from vrpo_pl.study import CURVES, cell, mean_curve, paired, pooled_paired
 
     # Only what has finished runs (a study under way), in plan order.
     algorithms = list(dict.fromkeys(a for (a, n), runs in results.items() if runs)) or list(
@@ -514,6 +514,7 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
     ax.set(ylim=(0, 1), ylabel="final gold accuracy",
            title="Final gold accuracy (95% interval over seeds and questions)")
     ax.legend(fontsize=8)
+    noisy = [n for n in noises if n != "none" and results.get(("vrpo", n))]
     for k, base in enumerate(("ppo", "grpo")):
         xs, ds = [], []
         for j, n in enumerate(noises):
@@ -521,11 +522,16 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
             if d is not None:
                 xs.append(j + (k - 0.5) * 0.3)
                 ds.append(d)
+        pooled = pooled_paired([(results[("vrpo", n)], results.get((base, n), [])) for n in noisy]) \
+            if len(noisy) > 1 else None
+        if pooled is not None:  # the noisy cells pooled, right of the cells
+            xs.append(len(noises) + (k - 0.5) * 0.3)
+            ds.append(pooled)
         if ds:
             bx.errorbar(xs, [d.mean for d in ds], [[d.mean - d.low for d in ds], [d.high - d.mean for d in ds]],
                         fmt="o", capsize=3, label=f"VRPO - {base.upper()}")
     bx.axhline(0, color="gray", lw=1)
-    bx.set_xticks(range(len(noises)), noises)
+    bx.set_xticks(range(len(noises) + (len(noisy) > 1)), noises + (["noisy cells\npooled"] if len(noisy) > 1 else []))
     bx.set(ylabel="paired difference in final gold accuracy", title="VRPO against the baselines (95% interval)")
     if bx.get_legend_handles_labels()[1]:
         bx.legend(fontsize=8)
