@@ -563,8 +563,9 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
     for axis in axes.flat:
         for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(len(handles), 8), fontsize=8,
-               bbox_to_anchor=(0.5, 0.965), frameon=False)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(len(handles), 8), fontsize=8,
+                   bbox_to_anchor=(0.5, 0.965), frameon=False)
     for axis in axes[-1]:
         axis.set_xlabel("rollout batches", fontsize=8)
     fig.suptitle("Means over seeds (thick) and every run (thin), per noise (columns)", fontsize=10)
