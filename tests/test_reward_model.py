@@ -192,3 +192,15 @@ def test_train_reward_model_end_to_end(tiny_bert, tmp_path):
     assert reloaded.score(completions[16:]).metrics["rm_accuracy"] == pytest.approx(report["accuracy"])
     again = train_reward_model(tmp_path / "again", completions_file=out / "completions.jsonl", **common)
     assert again["accuracy"] == pytest.approx(report["accuracy"])  # same data and seed: same model
+
+
+def test_report_warns_when_the_reward_model_is_no_better_than_chance():
+    from vrpo_pl.rewards.train_reward_model import format_report
+
+    report = {"task": "chain_sum", "task_kwargs": {}, "num_train": 256, "train_positive_rate": 0.12, "num_test": 128,
+              "test_positive_rate": 0.15, "accuracy": 0.69, "majority_baseline": 0.85, "balanced_accuracy": 0.43,
+              "false_positive_rate": 0.20, "false_negative_rate": 0.95, "youden_j": -0.149, "seconds_sampling": 1.0,
+              "seconds_training": 1.0, "seconds_total": 2.0}
+    text = format_report(report)
+    assert "warning: Youden's J -0.149 <= 0" in text and "--epochs" in text and "--completions" in text
+    assert "warning" not in format_report({**report, "youden_j": 0.162})

@@ -332,6 +332,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"Youden J {report['youden_j']:.3f}\n"
         f"time: sampling {report['seconds_sampling']:.0f} s, training {report['seconds_training']:.0f} s, "
         f"total {report['seconds_total']:.0f} s"
+        + (f"\nwarning: Youden's J {report['youden_j']:.3f} <= 0 on the held-out completions: this reward model is no "
+           "better than chance at telling right answers from wrong ones, so training on it teaches nothing (or the "
+           "opposite of the task). Train longer (--epochs; reuse the samples with --completions OUT/completions.jsonl) "
+           "or label more (--num-labelled)" if report["youden_j"] <= 0 else "")
     )
 
 
