@@ -128,8 +128,9 @@ class RLSystem(pl.LightningModule):
             validate_at_start: run the greedy validation once before the first rollout (logged at step 0).
             seed: seed of the update's shuffling and of the VIB's sampling.
             compile: ``torch.compile`` the decoder layers' blocks for the update's passes (:mod:`vrpo_pl.compile`):
-                about 1.2x on a CPU's forward/backward passes, after about 30 s of compilation per model type on 2
-                cores; the decode loop and the frozen passes stay eager. Not with FSDP2.
+                VRPO's rollout batch 1.04-1.07x faster on 2 Xeon cores (its critic's update 1.1-1.2x, GRPO
+                unchanged), after 33-36 s of compilation on a cold cache (``docs/performance.md``); the decode loop
+                and the frozen passes stay eager. Not with FSDP2.
         """
         super().__init__()
         self.automatic_optimization = False
