@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from vrpo_pl.stats import Estimate, bootstrap_mean, paired_difference
+from vrpo_pl.stats import Estimate, bootstrap_mean
 from vrpo_pl.summary import read_scalars
 
 CURVES = ("val/accuracy", "response/length", "kl/ref", "value/explained_variance")
@@ -146,13 +146,8 @@ def cell(runs: list[RunResult]) -> Cell:
 
 def paired(runs_a: list[RunResult], runs_b: list[RunResult], rollout: int | str = "final") -> Estimate | None:
     """``a - b`` on the seeds and questions both have (pairs: same seed, same question), or None without a shared
-    seed."""
-    seeds = {r.seed for r in runs_a} & {r.seed for r in runs_b}
-    if not seeds:
-        return None
-    runs_a, runs_b = [r for r in runs_a if r.seed in seeds], [r for r in runs_b if r.seed in seeds]
-    questions = sorted(set.intersection(*(set(c) for c in _chosen(runs_a + runs_b, rollout))))
-    return paired_difference(outcome_matrix(runs_a, rollout, questions), outcome_matrix(runs_b, rollout, questions))
+    seed: :func:`pooled_paired` over this one cell."""
+    return pooled_paired([(runs_a, runs_b)], rollout)
 
 
 def pooled_paired(pairs: list[tuple[list[RunResult], list[RunResult]]], rollout: int | str = "final"
