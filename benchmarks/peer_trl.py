@@ -297,7 +297,7 @@ def config_command(config: str, args: argparse.Namespace, out: Path) -> list[str
         dtype = "auto" if config == "ours" else "float32"
         return [str(args.ours_python), str(REPO_ROOT / "benchmarks" / "throughput.py"), "--algorithms", "grpo",
                 "--epochs", "1", "--mini-batch", str(args.prompts * args.samples), "--iters", str(args.iters), *size,
-                "--dtype", dtype, "--precision", precision, *threads, "--only", "grpo", "--child-out", str(out)]
+                "--dtype", dtype, "--precision", precision, *threads, "--only", "grpo:loop", "--child-out", str(out)]
     return [str(TRL_PYTHON), str(Path(__file__).resolve()), "trl-child", "--steps", str(args.iters),
             "--bf16", "1" if config == "trl-bf16" else "0", *size, "--model-path", str(args.model_path), *threads,
             "--out", str(out)]

@@ -373,6 +373,12 @@ def profiled(args: argparse.Namespace):
         yield prof
 
 
+def child_target(only: str) -> tuple[str, str]:
+    """``--only ALGORITHM[:BACKEND]`` (the child mode's row) as (algorithm, backend); the sampler defaults to ours."""
+    algorithm, _, backend = only.partition(":")
+    return algorithm, backend or "loop"
+
+
 def measure(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> dict:
     """Trains one algorithm for 1 + ``iters`` rollout batches with ``backend``'s sampler, then replays them as the
     lower bound."""
@@ -646,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.isolated_child:
-        algorithm, _, backend = args.only.partition(":")
+        algorithm, backend = child_target(args.only)
         record = measure_policy_alone(args) if args.only == "policy" else measure(algorithm, args, backend)
         args.child_out.write_text(json.dumps(record))
         return 0

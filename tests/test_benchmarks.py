@@ -10,6 +10,7 @@ import json
 import shlex
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -190,6 +191,24 @@ def test_peer_trl_reward_rule_and_report(benchmarks):
     trl_row = next(line for line in text.splitlines() if line.startswith("| TRL fp32"))
     assert "| 8.000 |" in trl_row and trl_row.rstrip(" |").endswith("4.00")  # ours is 4x its samples/s
     assert "test CPU" in text and "run ours" in text
+
+
+def test_peer_trl_runs_our_side_as_a_throughput_child(benchmarks, tmp_path):
+    """The command peer_trl gives our side is one throughput.py accepts, measuring GRPO with our sampler (a child
+    called with a bare ``--only grpo`` once ran with an empty ``--model.generation.backend`` and failed)."""
+    import argparse
+
+    peer, throughput = benchmarks["peer_trl"], benchmarks["throughput"]
+    args = argparse.Namespace(prompts=8, samples=4, new_tokens=32, iters=3, threads=2,
+                              ours_python=Path(sys.executable))
+    for config, dtype, precision in (("ours", "auto", "32-true"), ("ours-bf16", "float32", "bf16-mixed")):
+        cmd = peer.config_command(config, args, tmp_path / "rec.json")
+        assert cmd[1].endswith("throughput.py")
+        parsed = throughput.parse_args(cmd[2:])
+        assert parsed.isolated_child and (parsed.dtype, parsed.precision) == (dtype, precision)
+        assert throughput.child_target(parsed.only) == ("grpo", "loop")
+    assert throughput.child_target("vrpo") == ("vrpo", "loop")
+    assert throughput.child_target("ppo:vllm") == ("ppo", "vllm")
 
 
 @pytest.mark.parametrize("lora, critic_lora, algorithm, fast, expected", [
