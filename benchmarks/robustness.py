@@ -31,9 +31,9 @@ algorithms are taken per seed and question. Our choices: the same rollout geomet
 same fixed KL coefficient for every algorithm (no KL controller); "final" training-time quantities (response length,
 KL) are means over the last 10% of rollout batches. The ablations (VRPO's VIB alone and auxiliary loss alone, GRPO
 with the flip-rate correction) run at one noise level (``Setting.ablation_noise``). VRPO's variants (``VARIANTS``:
-the ``weight`` form, key tokens only, surprisal key tokens, a tighter bottleneck) run only by name; name the
-baselines with them, since ``OUT/results.md`` reports the runs of its own invocation:
-``--algorithms ppo grpo vrpo vrpo_weight --noises flip0.3`` (complete runs are skipped, not run again).
+the ``weight`` form, key tokens only, surprisal key tokens, a tighter bottleneck) join them there with
+``--variants``, or run by name; ``OUT/results.md`` reports the runs of its own invocation, so the whole study's
+report is ``--medium --rm-path DIR --variants --report-only`` (complete runs are skipped, not run again).
 """
 
 from __future__ import annotations
@@ -230,11 +230,13 @@ def vrpo_command() -> list[str]:
 
 
 def plan_pairs(setting: Setting, args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(algorithm, noise) pairs: the algorithms x the noises, then the ablations at the setting's ablation noise
-    (unless ``--algorithms`` names them); ``grpo_corrected`` only where the noise has known flip rates."""
+    """(algorithm, noise) pairs: the algorithms x the noises, then at the setting's ablation noise the ablations
+    (unless ``--algorithms`` is given) and, with ``--variants``, VRPO's variants; ``grpo_corrected`` only where the
+    noise has known flip rates."""
     pairs = [(a, n) for a in args.algorithms for n in args.noises]
-    if setting.ablation_noise in args.noises and not args.algorithms_given:
-        pairs += [(a, setting.ablation_noise) for a in setting.ablations if a not in args.algorithms]
+    if setting.ablation_noise in args.noises:
+        added = ([] if args.algorithms_given else setting.ablations) + (VARIANTS if args.variants else [])
+        pairs += [(a, setting.ablation_noise) for a in added if a not in args.algorithms]
     return [(a, n) for a, n in pairs
             if a != "grpo_corrected" or (flip_rates(n) is not None and sum(flip_rates(n)) < 1)]
 
@@ -588,6 +590,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--algorithms", nargs="+", choices=list(ALGORITHMS), help="default: the setting's")
     p.add_argument("--noises", nargs="+", choices=list(NOISES), help="default: the setting's (+ rm with --rm-path)")
     p.add_argument("--seeds", nargs="+", type=int, help="default: the setting's")
+    p.add_argument("--variants", action="store_true", help=f"also VRPO's variants ({', '.join(VARIANTS)}) at the "
+                   "setting's ablation noise (--medium and the full grid: flip0.3)")
     p.add_argument("--max-steps", type=int, help="rollout batches per run (default: the setting's)")
     p.add_argument("--rm-path", help="reward-model directory for the 'rm' noise")
     p.add_argument("--ledger", type=Path, help="keep each finished run as DIR/<algorithm>/<noise>/seed<k>.json and "
@@ -613,6 +617,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args.jobs = args.jobs if args.jobs is not None else setting.jobs
     if "rm" in args.noises and not args.rm_path:
         p.error("--noises rm needs --rm-path")
+    if args.variants and setting.ablation_noise not in args.noises:
+        where = (f"--noises without {setting.ablation_noise}" if setting.ablation_noise else
+                 f"--{args.setting}, which has no ablation noise")
+        p.error(f"--variants runs at the ablation noise, but {where}: use --medium or the full grid with its "
+                "ablation noise, or name the variants in --algorithms with the --noises you want")
     return args, extra
 
 

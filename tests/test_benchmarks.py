@@ -79,6 +79,30 @@ def test_robustness_medium_plans_the_study(benchmarks, capsys, tmp_path):
     assert source.train_record(0, val_size=256, seed=0)["prompt"] not in {r["prompt"] for r in held_out}
 
 
+def test_robustness_variants_join_the_ablations(benchmarks, capsys, tmp_path):
+    """--variants adds VRPO's four variants at the ablation noise only, beside the grid and the ablations; without
+    the ablation noise (or in a setting without one) it is refused, naming the flag."""
+    robustness = benchmarks["robustness"]
+    assert robustness.main(["--medium", "--out", str(tmp_path), "--variants", "--dry-run"]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if " fit " in line]
+    names = [value(c, "--trainer.logger.init_args.name") for c in commands]
+    assert len(commands) == (3 * 6 + 3 + 4) * 3
+    variants = {n for n in names if n.split("/")[0] in robustness.VARIANTS}
+    assert variants == {f"{v}/flip0.3" for v in robustness.VARIANTS}
+    weight = next(c for c in commands if value(c, "--trainer.logger.init_args.name") == "vrpo_weight/flip0.3")
+    assert value(weight, "--model.critic.aux") == "weight"
+    # Named algorithms: no ablations, but the variants still join at the ablation noise.
+    assert robustness.main(["--medium", "--out", str(tmp_path), "--variants", "--algorithms", "ppo", "--noises",
+                            "flip0.3", "--seeds", "0", "--dry-run"]) == 0
+    names = [value(shlex.split(line), "--trainer.logger.init_args.name")
+             for line in capsys.readouterr().out.splitlines() if " fit " in line]
+    assert sorted(names) == sorted(["ppo/flip0.3", *(f"{v}/flip0.3" for v in robustness.VARIANTS)])
+    for argv in (["--medium", "--noises", "none"], ["--small"]):
+        with pytest.raises(SystemExit):
+            robustness.main([*argv, "--out", str(tmp_path), "--variants", "--dry-run"])
+        assert "--variants" in capsys.readouterr().err
+
+
 def test_prefix_passes_tiny_reports_every_pass(benchmarks, tmp_path, single_thread):
     """The shared-prompt microbenchmark times each pass on and off and counts the tokens fed: with 4 samples per
     prompt the shared passes feed fewer prompt tokens and the same response tokens."""
