@@ -517,6 +517,7 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
            title="Final gold accuracy (95% interval over seeds and questions)")
     ax.legend(fontsize=8)
     noisy = [n for n in noises if n != "none" and results.get(("vrpo", n))]
+    show_pooled = len(noisy) > 1  # a pooled point only says more than the cells when it pools several
     for k, base in enumerate(("ppo", "grpo")):
         xs, ds = [], []
         for j, n in enumerate(noises):
@@ -525,7 +526,7 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
                 xs.append(j + (k - 0.5) * 0.3)
                 ds.append(d)
         pooled = pooled_paired([(results[("vrpo", n)], results.get((base, n), [])) for n in noisy]) \
-            if len(noisy) > 1 else None
+            if show_pooled else None
         if pooled is not None:  # the noisy cells pooled, right of the cells
             xs.append(len(noises) + (k - 0.5) * 0.3)
             ds.append(pooled)
@@ -533,7 +534,7 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
             bx.errorbar(xs, [d.mean for d in ds], [[d.mean - d.low for d in ds], [d.high - d.mean for d in ds]],
                         fmt="o", capsize=3, label=f"VRPO - {base.upper()}")
     bx.axhline(0, color="gray", lw=1)
-    bx.set_xticks(range(len(noises) + (len(noisy) > 1)), noises + (["noisy cells\npooled"] if len(noisy) > 1 else []))
+    bx.set_xticks(range(len(noises) + show_pooled), noises + (["noisy cells\npooled"] if show_pooled else []))
     bx.set(ylabel="paired difference in final gold accuracy", title="VRPO against the baselines (95% interval)")
     if bx.get_legend_handles_labels()[1]:
         bx.legend(fontsize=8)
