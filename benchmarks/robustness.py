@@ -170,6 +170,12 @@ _COMMON = ["--trainer.enable_checkpointing", "false", "--trainer.enable_progress
            "--trainer.callbacks", json.dumps([{"class_path": "vrpo_pl.callbacks.FrozenLMTargets"},
                                               {"class_path": "vrpo_pl.callbacks.ValidationOutcomes"}])]
 
+# The update's numerics that the small and medium records were made with (docs/results.md), pinned so that seeds
+# added later stay comparable: mini-batches of shuffled rows and adapters multiplying in float32, the defaults
+# before 2026-12-05 (now whole prompt groups and the input's dtype: --model.ppo.shuffle, --model.lora.compute).
+_STUDY_NUMERICS = ["--model.ppo.shuffle", "rows", "--model.lora.compute", "float32",
+                   "--model.critic_lora.compute", "float32"]
+
 SETTINGS = {
     # TinyLM (random weights): checks the plumbing in seconds; its accuracy stays ~0.
     "tiny": Setting("configs/tiny.yaml", 2, 1, ["ppo", "vrpo"], ["none", "flip0.2"], [0], _COMMON + [
@@ -181,7 +187,8 @@ SETTINGS = {
     # here so that editing the quickstart does not silently change the benchmark: temperature 0.7, 10 new tokens,
     # 8 prompts x 2 samples = 16 responses per rollout batch in mini-batches of 8, 8 rollout batches, 64 held-out
     # questions at rollout 0, 4 and 8. About 5-6 minutes per run on 2 CPU cores: the 6 runs take about 35 minutes.
-    "small": Setting("configs/quickstart.yaml", 8, 4, ["ppo", "grpo", "vrpo"], ["none", "flip0.4"], [0], _COMMON + [
+    "small": Setting("configs/quickstart.yaml", 8, 4, ["ppo", "grpo", "vrpo"], ["none", "flip0.4"], [0], _COMMON +
+                     _STUDY_NUMERICS + [
         "--model.generation.temperature", "0.7", "--model.generation.max_new_tokens", "10",
         "--model.optim.policy_lr", "3e-4", "--model.optim.critic_lr", "1e-3", "--model.ppo.epochs", "1",
         "--data.prompts_per_rollout", "8", "--data.samples_per_prompt", "2", "--model.ppo.mini_batch_size", "8",
@@ -196,7 +203,8 @@ SETTINGS = {
     # spinning OpenMP threads and 22.3 s with passive ones (Intel Xeon with AMX, 2 cores, 2026-12-04): 1.4x-2.5x the
     # work, and safe when something else shares the cores, where spinning threads collapse.
     "medium": Setting("configs/quickstart.yaml", 30, 10, ["ppo", "grpo", "vrpo"],
-                      ["none", "flip0.3", "flip0.45", "asym", "vote", "random"], [0, 1, 2], _COMMON + [
+                      ["none", "flip0.3", "flip0.45", "asym", "vote", "random"], [0, 1, 2], _COMMON +
+                      _STUDY_NUMERICS + [
         "--model.generation.temperature", "0.7", "--model.generation.max_new_tokens", "16",
         "--model.optim.policy_lr", "3e-4", "--model.optim.critic_lr", "1e-3", "--model.ppo.epochs", "1",
         "--data.prompts_per_rollout", "8", "--data.samples_per_prompt", "4", "--model.ppo.mini_batch_size", "16",

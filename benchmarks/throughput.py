@@ -80,8 +80,9 @@ PHASES = ["generation", "frozen", "score", "update_policy", "update_critic"]
 def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> list[str]:
     """LightningCLI arguments of one algorithm's measured run (no validation, logger or checkpoints)."""
     config = REPO_ROOT / "configs" / ("tiny.yaml" if args.tiny else "quickstart.yaml")
-    lora = json.dumps(LORA)
-    critic_lora = json.dumps({**LORA, "top_layers": args.critic_top_layers})
+    adapters = {**LORA, **({"compute": args.lora_compute} if args.lora_compute else {})}
+    lora = json.dumps(adapters)
+    critic_lora = json.dumps({**adapters, "top_layers": args.critic_top_layers})
     out = ["--config", str(config), "--model.algorithm", algorithm, "--model.critic.vib", "null",
            "--model.critic.aux", "null", "--model.reward", '{"class_path": "vrpo_pl.rewards.NumericVerifier"}',
            "--model.lora", lora, "--model.critic_lora", "null" if algorithm == "grpo" else critic_lora,
@@ -90,6 +91,9 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
            "--model.ppo.micro_batch_size", "null", "--model.validate_at_start", "false",
            *(["--model.ppo.critic_epochs", str(args.critic_epochs)] if args.critic_epochs is not None else []),
            *(["--model.compile", "true"] if args.compile else []),
+           *(["--model.ppo.shuffle", args.shuffle] if args.shuffle else []),
+           *(["--model.ppo.max_tokens_per_forward", str(args.forward_tokens or "null")]
+             if args.forward_tokens is not None else []),
            "--data.prompts_per_rollout", str(args.prompts), "--data.samples_per_prompt", str(args.samples),
            "--trainer.max_steps", str(1 + args.iters), "--trainer.limit_val_batches", "0",
            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
@@ -261,7 +265,7 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     import torch
 
     from vrpo_pl.rewards.base import Completion
-    from vrpo_pl.rollout import response_logits
+    from vrpo_pl.rollout import response_logits, rows_per_forward
 
     policy, critic, r, g = system.policy, system.critic, cap["rollout"], system.generation
     size, num = r.responses.shape
@@ -305,7 +309,8 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
                  for t, x in enumerate(out.logits)]
                 out = out.sequences
         assert out.shape[1] - r.prompt_width == num, "the lower bound generated a different length"
-        chunk = p.micro_batch_size or p.mini_batch_size
+        chunk = rows_per_forward(size, r.sequences.shape[1], p.max_tokens_per_forward,  # as the system's passes
+                                 default=p.micro_batch_size or p.mini_batch_size)
         with timed("frozen"):
             for s in range(0, size, chunk):
                 sl = slice(s, s + chunk)
@@ -610,6 +615,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "from before that setting, whose critic made as many passes as the policy)")
     p.add_argument("--critic-top-layers", type=int, help="the critic's LoRA on its last N layers only "
                    "(--model.critic_lora.top_layers; default: every layer)")
+    p.add_argument("--shuffle", choices=["prompts", "rows"], help="how the update deals mini-batches "
+                   "(--model.ppo.shuffle; default: the system's, prompts; rows for a commit from before that setting)")
+    p.add_argument("--forward-tokens", type=int, help="--model.ppo.max_tokens_per_forward (0: null, rows of the "
+                   "micro- or mini-batch, as before that setting; default: the system's, 4096)")
+    p.add_argument("--lora-compute", choices=["input", "float32"], help="the dtype the adapters multiply in "
+                   "(--model.lora.compute; default: the system's, input; float32 for a commit from before it)")
     p.add_argument("--compile", action="store_true", help="--model.compile: torch.compile the decoder layers' "
                    "blocks for the update's passes (the warm-up rollout batch pays the compilation)")
     p.add_argument("--accelerator", default="cpu")
@@ -647,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from vrpo_pl.lora import LoRASpec
     from vrpo_pl.settings import PPOSettings
 
     if args.threads:
@@ -668,7 +680,11 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU, {args.threads or torch.get_num_threads()} torch threads")
     header = (f"# Throughput: {model} + LoRA r={LORA['r']} (q/k/v/o), B = {args.prompts} x {args.samples} = "
               f"{args.prompts * args.samples} responses, {args.new_tokens} new tokens, {args.epochs} PPO epochs, "
-              f"critic epochs {critic_epochs}, mini-batch {args.mini_batch}, "
+              f"critic epochs {critic_epochs}, mini-batch {args.mini_batch} "
+              f"(shuffled by {args.shuffle or PPOSettings().shuffle}), adapters multiplying in "
+              f"{args.lora_compute or LoRASpec().compute}, no-gradient passes of at most "
+              f"{args.forward_tokens if args.forward_tokens is not None else PPOSettings().max_tokens_per_forward} "
+              "tokens (0: the mini-batch's rows), "
               f"shared prompt prefix {'on' if args.share_prompt_prefix else 'off'}"
               f"\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
               f"batches after 1 warm-up. Command: `python benchmarks/throughput.py {' '.join(argv)}`")

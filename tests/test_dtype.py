@@ -70,3 +70,42 @@ def test_first_update_ratio_is_one_within_rounding(run_cli, read_events, tmp_pat
     tolerance = 1e-5 if dtype == "float32" else 1e-3  # measured: exactly 1.0 and 1.00006
     assert abs(ratio - 1) < tolerance and approx_kl < tolerance**2 * 10, (ratio, approx_kl)
     assert events.Scalars("policy/clipfrac")[0].value == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_multiplies_in_its_input_dtype_with_float32_parameters(dtype):
+    """--model.lora.compute input (the default): with bf16 base weights the adapters meet bf16 activations (no
+    float32 copy of them) while their parameters and gradients stay float32; the state dict is peft's. With float32
+    weights it is peft's float32 computation exactly."""
+    from vrpo_pl.lora import LoRASpec, apply_lora
+    from vrpo_pl.models import TinyLM
+
+    models, seen = {}, {}
+    for compute in ("input", "float32"):
+        model = apply_lora(TinyLM().causal_lm(dtype), LoRASpec(r=4, alpha=8, compute=compute), causal_lm=True)
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1)  # peft starts B at 0, which would hide the adapters' arithmetic
+        layer = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
+        layer.register_forward_pre_hook(lambda m, args, c=compute: seen.update({c: args[0].dtype}))
+        models[compute] = model
+    assert models["input"].state_dict().keys() == models["float32"].state_dict().keys()
+    models["float32"].load_state_dict(models["input"].state_dict())  # the same adapters in both
+    ids = torch.randint(0, 384, (3, 9), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for compute, model in models.items():
+        logits = model(input_ids=ids).logits
+        logits.float().square().mean().backward()
+        out[compute] = (logits.float(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert all(p.dtype == torch.float32 and g.dtype == torch.float32 and torch.isfinite(g).all()
+                   for p, g in zip([p for p in model.parameters() if p.requires_grad], out[compute][1].values(),
+                                   strict=True))
+    assert seen == {"input": dtype, "float32": torch.float32}
+    (a, grad_a), (b, grad_b) = out["input"], out["float32"]
+    if dtype == torch.float32:
+        assert torch.equal(a, b) and all(torch.equal(grad_a[n], grad_b[n]) for n in grad_a)
+    else:  # bf16 rounding of the adapters' products, nothing more
+        assert (a - b).abs().max() <= 0.02 * b.abs().max(), (a - b).abs().max()
+        for name in grad_a:
+            assert torch.allclose(grad_a[name], grad_b[name], rtol=0.1, atol=0.05 * grad_b[name].abs().max()), name

@@ -194,6 +194,20 @@ def test_score_rollout_with_shared_prompts_fills_the_plain_fields(models):
         assert_close(value, fields[False][name], **TOL, msg=name)
 
 
+def test_score_rollout_in_one_wide_pass_fills_the_same_fields(models):
+    """--model.ppo.max_tokens_per_forward: the whole rollout in one no-gradient pass gives what slices of 3 rows
+    (which cut groups) give, with and without shared prompts."""
+    tokenizer, policy, critic = models
+    for share in (True, False):
+        fields = {}
+        for chunk in (3, 64):
+            r = _rollout(tokenizer, samples=2)
+            score_rollout(r, policy, None, critic, temperature=0.7, chunk=chunk, share_prefix=share)
+            fields[chunk] = {name: getattr(r, name) * r.mask for name in ("logp", "ref_logp", "values")}
+        for name, value in fields[64].items():
+            assert_close(value, fields[3][name], **TOL, msg=name)
+
+
 def test_micro_batches_by_prompt_keep_the_mini_batch(models):
     """Ordered by prompt (stable within a prompt), then cut: the same rows, whole groups together."""
     tokenizer, _, _ = models

@@ -202,3 +202,27 @@ def test_split_micro_batches_by_rows_or_by_token_budget():
     assert [b.tolist() for b in split_micro_batches(r, idx, 3, None)] == [[3, 0, 1], [2]]
     budget = split_micro_batches(r, idx, 3, 16)  # two rows of 8 tokens fit; the short rows share one
     assert sorted(sorted(b.tolist()) for b in budget) == [[0, 2], [1, 3]]
+
+
+def test_mini_batch_order_deals_whole_prompts_or_single_rows():
+    from vrpo_pl.rollout import mini_batch_order
+
+    group = torch.arange(6).repeat_interleave(4)  # 6 prompts x 4 samples, in rollout order
+    seen = set()
+    for seed in range(5):
+        order = mini_batch_order(24, group, True, torch.Generator().manual_seed(seed))
+        assert sorted(order.tolist()) == list(range(24))  # a permutation of the rows
+        for mini in order.view(3, 8):  # mini-batches of 8 rows: two whole prompts each, rows in rollout order
+            prompts = group[mini]
+            assert len(set(prompts.tolist())) == 2 and (prompts.view(2, 4) == prompts.view(2, 4)[:, :1]).all()
+            assert all(torch.equal(mini[prompts == p], torch.arange(4 * p, 4 * p + 4)) for p in prompts.unique())
+        seen.add(tuple(group[order][::4].tolist()))
+    assert len(seen) > 1  # the prompts' order is shuffled, seed by seed
+    # rows: the draw the update always made (a resumed or earlier run deals the same mini-batches)
+    rows = mini_batch_order(24, group, False, torch.Generator().manual_seed(3))
+    assert torch.equal(rows, torch.randperm(24, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(mini_batch_order(24, None, True, torch.Generator().manual_seed(3)), rows)
+    # prompt ids need not be 0..P-1 (any ids, in any order of first appearance)
+    odd = mini_batch_order(6, torch.tensor([7, 2, 7, 2, 9, 9]), True, torch.Generator().manual_seed(0))
+    assert [set(torch.tensor([7, 2, 7, 2, 9, 9])[odd[i : i + 2]].tolist()) for i in (0, 2, 4)] in (
+        [{7}, {2}, {9}], [{7}, {9}, {2}], [{2}, {7}, {9}], [{2}, {9}, {7}], [{9}, {7}, {2}], [{9}, {2}, {7}])

@@ -24,6 +24,8 @@ from vrpo_pl.settings import (
     (PPOSettings, {"lam": 1.2}, "--model.ppo.lam=1.2"),
     (PPOSettings, {"gamma": 0.0}, "--model.ppo.gamma=0.0"),
     (PPOSettings, {"max_nonfinite_updates": 0}, "--model.ppo.max_nonfinite_updates=0"),
+    (PPOSettings, {"max_tokens_per_forward": 0}, "--model.ppo.max_tokens_per_forward=0 must be >= 1"),
+    (PPOSettings, {"shuffle": "random"}, "--model.ppo.shuffle='random' must be 'prompts' or 'rows'"),
     (OptimSettings, {"critic_lr": 0.0}, "--model.optim.critic_lr=0.0"),
     (OptimSettings, {"policy_max_grad_norm": -1.0}, "--model.optim.policy_max_grad_norm=-1.0"),
     (KLSettings, {"coef": -0.1}, "--model.kl.coef=-0.1"),

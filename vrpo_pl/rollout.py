@@ -270,6 +270,25 @@ def micro_batch(r: Rollout, rows: Tensor) -> MicroBatch:
                       width, prompt_width=r.prompt_width - first)
 
 
+def mini_batch_order(size: int, group: Tensor | None, by_prompt: bool, generator: torch.Generator) -> Tensor:
+    """One PPO epoch's order of the rollout's rows (CPU), cut into consecutive mini-batches by the caller.
+
+    ``by_prompt`` (``--model.ppo.shuffle prompts``) with ``group`` ids: the prompts are shuffled and each keeps its
+    rows together, in rollout order, so a mini-batch holds whole groups (where its size is a multiple of the group
+    size) and its passes compute each prompt once; verl's mini-batches are whole groups too. Else every row is
+    shuffled alone (``--model.ppo.shuffle rows``): one ``randperm`` of the rows, as the generator always drew it.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> mini_batch_order(6, torch.tensor([0, 0, 1, 1, 2, 2]), True, g).view(3, 2)[:, 0].remainder(2).tolist()
+    [0, 0, 0]
+    """
+    if not by_prompt or group is None:
+        return torch.randperm(size, generator=generator)
+    ids, inverse = torch.unique(group.cpu(), return_inverse=True)
+    rank = torch.randperm(len(ids), generator=generator)[inverse]
+    return torch.argsort(rank * size + torch.arange(size))
+
+
 def split_micro_batches(r: Rollout, idx: Tensor, micro: int, budget: int | None,
                         by_prompt: bool = False) -> list[Tensor]:
     """A mini-batch's rows ``idx`` split into micro-batches: ``micro`` rows each, or, with a token ``budget``
@@ -346,6 +365,18 @@ def reference_guide(sequences: Tensor, attention_mask: Tensor, position_ids: Ten
                     reference_logits: Tensor) -> Tensor:
     """The :data:`GuideFn` whose guide is the reference: entropy and surprisal of the reference pass's logits."""
     return guide_targets(reference_logits, responses)
+
+
+def rows_per_forward(size: int, width: int, budget: int | None, default: int) -> int:
+    """Rows of each no-gradient pass over a rollout of ``size`` rows of ``width`` tokens: as many as fit in
+    ``budget`` padded tokens (``--model.ppo.max_tokens_per_forward``; at least 1, at most all), else ``default``.
+
+    >>> rows_per_forward(32, 78, 4096, 8), rows_per_forward(32, 78, 100, 8), rows_per_forward(32, 78, None, 8)
+    (32, 1, 8)
+    """
+    if budget is None:
+        return default
+    return max(1, min(size, budget // max(width, 1)))
 
 
 @torch.no_grad()

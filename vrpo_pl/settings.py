@@ -37,6 +37,21 @@ class PPOSettings:
     """Group each mini-batch's sequences by length into micro-batches of at most this many padded tokens (rows x
     longest sequence; verl's and OpenRLHF's ``max_tokens_per_micro_batch``); overrides micro_batch_size. None: fixed
     micro_batch_size. Either way each micro-batch is trimmed to its own longest sequence."""
+    max_tokens_per_forward: int | None = 4096
+    """Rows per no-gradient pass of the rollout (the old and reference log-probs, the values, the guide's targets):
+    as many consecutive rows as fit in this many padded tokens (rows x the batch's full length), so a small batch
+    takes one wide pass (throughput.py's 32 rows of about 78 tokens: these passes 0.64-0.68x the time of four
+    passes of 8 rows on 2 Xeon cores, docs/performance.md); verl's ``log_prob_max_token_len_per_gpu``. None, and
+    every pass under FSDP2 (whose sharded calls must match across ranks): micro_batch_size or mini_batch_size
+    rows."""
+    shuffle: Literal["prompts", "rows"] = "prompts"
+    """How each epoch deals the rollout batch into mini-batches. ``prompts``: the prompts are shuffled and each keeps
+    its samples together, so a mini-batch holds whole groups (mini_batch_size / samples_per_prompt prompts, when it
+    divides) and, with share_prompt_prefix, each of its passes computes those prompts once: the update 0.78-0.81x
+    the time on throughput.py's workload (2 Xeon cores, docs/performance.md); verl's mini-batches are whole groups
+    too, and each GRPO group's advantages then sum to 0 within its mini-batch. ``rows``: every sequence is
+    shuffled alone, so a mini-batch mixes about as many prompts as sequences (the default before 2026-12-05, under
+    which docs/results.md's study ran: benchmarks/robustness.py pins it for that study)."""
     share_prompt_prefix: bool = True
     """Compute each distinct prompt once per pass: the G rows of a prompt share one forward pass over it, whose KV
     cache (differentiable) serves their responses (:mod:`vrpo_pl.prefix`; our choice). Applies to the rollout's
@@ -78,9 +93,12 @@ class PPOSettings:
         p = self
         _check("--model.ppo", [
             (p.epochs >= 1, f"epochs={p.epochs} must be >= 1"),
+            (p.shuffle in ("prompts", "rows"), f"shuffle={p.shuffle!r} must be 'prompts' or 'rows'"),
             (p.mini_batch_size >= 1, f"mini_batch_size={p.mini_batch_size} must be >= 1"),
             (p.micro_batch_size is None or (p.micro_batch_size >= 1 and p.mini_batch_size % p.micro_batch_size == 0),
              f"micro_batch_size={p.micro_batch_size} must divide --model.ppo.mini_batch_size={p.mini_batch_size}"),
+            (p.max_tokens_per_forward is None or p.max_tokens_per_forward >= 1,
+             f"max_tokens_per_forward={p.max_tokens_per_forward} must be >= 1 (or null)"),
             (p.max_tokens_per_micro_batch is None or p.max_tokens_per_micro_batch >= 1,
              f"max_tokens_per_micro_batch={p.max_tokens_per_micro_batch} must be >= 1 (or null)"),
             (0 < p.clip_eps < 1, f"clip_eps={p.clip_eps} must be in (0, 1)"),

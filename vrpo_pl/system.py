@@ -58,6 +58,7 @@ from vrpo_pl.rollout import (
     Rollout,
     decode_completions,
     reference_guide,
+    rows_per_forward,
     sample_rollout,
     score_rollout,
 )
@@ -340,9 +341,12 @@ class RLSystem(pl.LightningModule):
                                      self.generation, self.device, with_logprobs=reuse)
         rollout.group = torch.as_tensor(batch["group"], device=self.device)
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else None
+        p = self.ppo
+        budget = p.max_tokens_per_forward if self.device_mesh is None else None  # FSDP2: the same calls on every rank
+        chunk = rows_per_forward(rollout.size, rollout.sequences.shape[1], budget,
+                                 default=p.micro_batch_size or p.mini_batch_size)
         score_rollout(rollout, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
-                      chunk=self.ppo.micro_batch_size or self.ppo.mini_batch_size, guide=guide,
-                      share_prefix=self.shares_prompts)
+                      chunk=chunk, guide=guide, share_prefix=self.shares_prompts)
         if rollout.guide_raw is not None:
             targets = self.guide_callback.finalize(rollout.guide_raw, rollout.mask)
             rollout.guide_targets, rollout.key = targets.standardized, targets.key

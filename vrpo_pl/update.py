@@ -24,7 +24,7 @@ from vrpo_pl.critic import ValueModel
 from vrpo_pl.logprobs import logprobs_and_entropy
 from vrpo_pl.metrics import MetricAccumulator, PhaseTimer
 from vrpo_pl.models import training_attention
-from vrpo_pl.rollout import MicroBatch, Rollout, micro_batch, response_logits, split_micro_batches
+from vrpo_pl.rollout import MicroBatch, Rollout, micro_batch, mini_batch_order, response_logits, split_micro_batches
 from vrpo_pl.settings import CriticSettings, KLSettings, OptimSettings, PPOSettings
 
 
@@ -87,7 +87,8 @@ class PPOUpdate:
         critic_epochs = self.ppo.critic_epochs or self.ppo.epochs
         with distributed.no_ddp_sync(self.wrapped_model), training_attention(self.policy, self.critic):
             for epoch in range(max(self.ppo.epochs, critic_epochs if self.critic is not None else 0)):
-                order = torch.randperm(r.size, generator=self.shuffle_gen).to(self.device)
+                order = mini_batch_order(r.size, r.group, self.ppo.shuffle == "prompts", self.shuffle_gen)
+                order = order.to(self.device)
                 for start in range(0, r.size, mini):
                     idx = order[start : start + mini]
                     norm = distributed.loss_normalizers(r.mask[idx], self.world_size)
