@@ -543,6 +543,7 @@ def plot(results: dict, noises: list[str], path: Path) -> None:
                         fmt="o", capsize=3, label=f"VRPO - {base.upper()}")
     bx.axhline(0, color="gray", lw=1)
     bx.set_xticks(range(len(noises) + show_pooled), noises + (["noisy cells\npooled"] if show_pooled else []))
+    bx.set_xlim(-0.6, len(noises) + show_pooled - 0.4)  # each cell's points beside its tick, also with one cell
     bx.set(ylabel="paired difference in final gold accuracy", title="VRPO against the baselines (95% interval)")
     if bx.get_legend_handles_labels()[1]:
         bx.legend(fontsize=8)
