@@ -17,11 +17,13 @@ The lower bound replays each measured rollout batch without the framework: the s
 prompts for exactly the same number of new tokens (``min_new_tokens`` = the rollout's length), then the same forward
 passes (policy unless its log-probs come from the sampler, reference, critic, in the same chunks), the same decode +
 reward call, and the same forward/backward passes and optimizer steps of the update (same mini/micro-batch shapes,
-a plain clipped loss, no statistics), back to back. Reported: medians over the measured iterations, ratio = full
-iteration / lower bound (goal <= 1.15). With ``--share-prompt-prefix`` (on by default, as in the system) the lower
-bound's frozen and update passes share each slice's prompts as the system's do (its update slices are the rollout's
-rows in order, whole groups, where the system's shuffled mini-batches hold fewer repeats); its ``generate`` prefills
-every row. ``--no-share-prompt-prefix`` measures the plain passes (``benchmarks/prefix_passes.py``: pass by pass).
+a plain clipped loss, no statistics), back to back: no-gradient passes as wide as ``max_tokens_per_forward``
+allows, update micro-batches of consecutive rows (whole prompt groups, as ``--model.ppo.shuffle prompts`` deals them)
+trimmed to their own extent, under the update's attention, log-probs by the system's chunked function. Reported:
+medians over the measured iterations, ratio = full iteration / lower bound (goal <= 1.15). With
+``--share-prompt-prefix`` (on by default, as in the system) the lower bound's frozen and update passes share each
+slice's prompts as the system's do; its ``generate`` prefills every row (the system's own decode loop, which shares
+the prefill, is faster than it, so the ratio can fall below 1). ``--no-share-prompt-prefix`` measures the plain passes (``benchmarks/prefix_passes.py``: pass by pass).
 
 The compute bound is what the machine's matrix units need for the step's arithmetic: FLOPs counted from the
 token counts of each pass (:func:`step_flops`: 2 x the body's parameters per token of every forward pass, 2 x more
