@@ -23,7 +23,8 @@ trimmed to their own extent, under the update's attention, log-probs by the syst
 medians over the measured iterations, ratio = full iteration / lower bound (goal <= 1.15). With
 ``--share-prompt-prefix`` (on by default, as in the system) the lower bound's frozen and update passes share each
 slice's prompts as the system's do; its ``generate`` prefills every row (the system's own decode loop, which shares
-the prefill, is faster than it, so the ratio can fall below 1). ``--no-share-prompt-prefix`` measures the plain passes (``benchmarks/prefix_passes.py``: pass by pass).
+the prefill, is faster than it, so the ratio can fall below 1). ``--no-share-prompt-prefix`` measures the plain
+passes (``benchmarks/prefix_passes.py``: pass by pass).
 
 The compute bound is what the machine's matrix units need for the step's arithmetic: FLOPs counted from the
 token counts of each pass (:func:`step_flops`: 2 x the body's parameters per token of every forward pass, 2 x more
