@@ -339,42 +339,41 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     optimizers = trainer.optimizers
     micro = p.micro_batch_size or p.mini_batch_size
     critic_epochs = p.critic_epochs or p.epochs  # the critic's passes, as the system's update makes them
-    attention = training_attention(policy, critic)  # the update's attention, as the system's (eager on CPU in bf16)
-    attention.__enter__()
-    for epoch in range(max(p.epochs, critic_epochs if critic is not None else 0)):
-        for start in range(0, size, p.mini_batch_size):
-            # Consecutive rows (whole prompt groups, as --model.ppo.shuffle prompts deals them), each micro-batch
-            # trimmed to its own extent as the system's are.
-            micro_batches = [micro_batch(r, torch.arange(s, s + micro, device=r.mask.device))
-                             for s in range(start, start + p.mini_batch_size, micro)]
-            tokens = r.mask[start : start + p.mini_batch_size].sum()
-            if epoch < p.epochs:
-                with timed("update_policy"):
+    share = width is not None
+    with training_attention(policy, critic):  # the update's attention, as the system's (eager on CPU in bf16)
+        for epoch in range(max(p.epochs, critic_epochs if critic is not None else 0)):
+            for start in range(0, size, p.mini_batch_size):
+                # Consecutive rows (whole prompt groups, as --model.ppo.shuffle prompts deals them), each micro-batch
+                # trimmed to its own extent as the system's are.
+                micro_batches = [micro_batch(r, torch.arange(s, s + micro, device=r.mask.device))
+                                 for s in range(start, start + p.mini_batch_size, micro)]
+                tokens = r.mask[start : start + p.mini_batch_size].sum()
+                if epoch < p.epochs:
+                    with timed("update_policy"):
+                        for b in micro_batches:
+                            logits = response_logits(policy, b.sequences, b.attention_mask, b.position_ids, b.width,
+                                                     prompt_width=b.prompt_width if share else None)
+                            ratio = torch.exp(response_logprobs(logits, b.take(r.responses), g.temperature)
+                                              - b.take(r.logp))
+                            adv = b.take(r.advantages)
+                            surrogate = torch.min(ratio * adv, ratio.clamp(1 - p.clip_eps, 1 + p.clip_eps) * adv)
+                            (-(surrogate * b.take(r.mask)).sum() / tokens).backward()
+                        params = [q for q in policy.parameters() if q.requires_grad]
+                        torch.nn.utils.clip_grad_norm_(params, 1.0)
+                        optimizers[0].step()
+                        optimizers[0].zero_grad(set_to_none=True)
+                if critic is None or epoch >= critic_epochs:
+                    continue
+                with timed("update_critic"):
                     for b in micro_batches:
-                        logits = response_logits(policy, b.sequences, b.attention_mask, b.position_ids, b.width,
-                                                 prompt_width=b.prompt_width if width is not None else None)
-                        ratio = torch.exp(response_logprobs(logits, b.take(r.responses), g.temperature)
-                                          - b.take(r.logp))
-                        adv = b.take(r.advantages)
-                        surrogate = torch.min(ratio * adv, ratio.clamp(1 - p.clip_eps, 1 + p.clip_eps) * adv)
-                        (-(surrogate * b.take(r.mask)).sum() / tokens).backward()
-                    params = [q for q in policy.parameters() if q.requires_grad]
+                        v = critic(b.sequences, b.attention_mask, b.position_ids, b.width,
+                                   sample=bool(system.critic_settings.vib),
+                                   prompt_width=b.prompt_width if share else None).values
+                        (((v - b.take(r.returns)) ** 2 * b.take(r.mask)).sum() / tokens).backward()
+                    params = [q for q in critic.parameters() if q.requires_grad]
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizers[0].step()
-                    optimizers[0].zero_grad(set_to_none=True)
-            if critic is None or epoch >= critic_epochs:
-                continue
-            with timed("update_critic"):
-                for b in micro_batches:
-                    v = critic(b.sequences, b.attention_mask, b.position_ids, b.width,
-                               sample=bool(system.critic_settings.vib),
-                               prompt_width=b.prompt_width if width is not None else None).values
-                    (((v - b.take(r.returns)) ** 2 * b.take(r.mask)).sum() / tokens).backward()
-                params = [q for q in critic.parameters() if q.requires_grad]
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizers[1].step()
-                optimizers[1].zero_grad(set_to_none=True)
-    attention.__exit__(None, None, None)
+                    optimizers[1].step()
+                    optimizers[1].zero_grad(set_to_none=True)
     return times
 
 
