@@ -170,11 +170,12 @@ _COMMON = ["--trainer.enable_checkpointing", "false", "--trainer.enable_progress
            "--trainer.callbacks", json.dumps([{"class_path": "vrpo_pl.callbacks.FrozenLMTargets"},
                                               {"class_path": "vrpo_pl.callbacks.ValidationOutcomes"}])]
 
-# The update's numerics that the small and medium records were made with (docs/results.md), pinned so that seeds
-# added later stay comparable: mini-batches of shuffled rows and adapters multiplying in float32, the defaults
-# before 2026-12-05 (now whole prompt groups and the input's dtype: --model.ppo.shuffle, --model.lora.compute).
+# The numerics that the small and medium records were made with (docs/results.md), pinned so that seeds added later
+# stay comparable: mini-batches of shuffled rows, adapters multiplying in float32 and tokens drawn by
+# torch.multinomial, the defaults before 2026-12-05 (now whole prompt groups, the input's dtype and inverse transform
+# sampling: --model.ppo.shuffle, --model.lora.compute, --model.generation.draw).
 _STUDY_NUMERICS = ["--model.ppo.shuffle", "rows", "--model.lora.compute", "float32",
-                   "--model.critic_lora.compute", "float32"]
+                   "--model.critic_lora.compute", "float32", "--model.generation.draw", "multinomial"]
 
 SETTINGS = {
     # TinyLM (random weights): checks the plumbing in seconds; its accuracy stays ~0.

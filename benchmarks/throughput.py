@@ -13,8 +13,8 @@ frozen passes = rollout minus generation (old log-probs, reference, guide target
 update; critic update; other = the rest of the iteration (advantages, metrics, Lightning's loop, data). An
 iteration is the time between consecutive ``on_train_batch_end`` calls.
 
-The lower bound replays each measured rollout batch without the framework: the same ``generate`` call on the same
-prompts for exactly the same number of new tokens (``min_new_tokens`` = the rollout's length), then the same forward
+The lower bound replays each measured rollout batch without the framework: the system's sampler called bare on the
+same prompts for exactly the same number of new tokens (no EOS), then the same forward
 passes (policy unless its log-probs come from the sampler, reference, critic, in the same chunks), the same decode +
 reward call, and the same forward/backward passes and optimizer steps of the update (same mini/micro-batch shapes,
 a plain clipped loss, no statistics), back to back: no-gradient passes as wide as ``max_tokens_per_forward``
@@ -22,9 +22,8 @@ allows, update micro-batches of consecutive rows (whole prompt groups, as ``--mo
 trimmed to their own extent, under the update's attention, log-probs by the system's chunked function. Reported:
 medians over the measured iterations, ratio = full iteration / lower bound (goal <= 1.15). With
 ``--share-prompt-prefix`` (on by default, as in the system) the lower bound's frozen and update passes share each
-slice's prompts as the system's do; its ``generate`` prefills every row (the system's own decode loop, which shares
-the prefill, is faster than it, so the ratio can fall below 1). ``--no-share-prompt-prefix`` measures the plain
-passes (``benchmarks/prefix_passes.py``: pass by pass).
+slice's prompts as the system's do, and so does its sampler's prefill. ``--no-share-prompt-prefix`` measures the
+plain passes (``benchmarks/prefix_passes.py``: pass by pass).
 
 The compute bound is what the machine's matrix units need for the step's arithmetic: FLOPs counted from the
 token counts of each pass (:func:`step_flops`: 2 x the body's parameters per token of every forward pass, 2 x more
@@ -67,6 +66,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +95,7 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
            *(["--model.ppo.critic_epochs", str(args.critic_epochs)] if args.critic_epochs is not None else []),
            *(["--model.compile", "true"] if args.compile else []),
            *(["--model.ppo.shuffle", args.shuffle] if args.shuffle else []),
+           *(["--model.generation.draw", args.draw] if args.draw else []),
            *(["--model.ppo.max_tokens_per_forward", str(args.forward_tokens or "null")]
              if args.forward_tokens is not None else []),
            "--data.prompts_per_rollout", str(args.prompts), "--data.samples_per_prompt", str(args.samples),
@@ -274,7 +275,7 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     policy, critic, r, g = system.policy, system.critic, cap["rollout"], system.generation
     size, num = r.responses.shape
     prompt_ids, prompt_mask = r.sequences[:, : r.prompt_width], r.attention_mask[:, : r.prompt_width]
-    eos, pad = system.tokenizer.eos_token_id, system.tokenizer.pad_token_id
+    pad = system.tokenizer.pad_token_id
     p, times = system.ppo, {}
     width = r.prompt_width if p.share_prompt_prefix else None  # the system's shared prompt passes, when on
 
@@ -302,16 +303,10 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
             if g.backend == "vllm":  # the same engine, called bare
                 vllm_generate(system.sampler.llm, prompt_ids, prompt_mask, num, g)
                 out = r.sequences
-            else:
-                out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=num,
-                                      min_new_tokens=num, eos_token_id=eos, pad_token_id=pad, do_sample=True,
-                                      temperature=g.temperature, top_p=g.top_p, top_k=0, use_cache=True,
-                                      output_logits=reuse, return_dict_in_generate=reuse)
-            if reuse:
-                new = out.sequences[:, -num:]
-                [torch.log_softmax(x.float() / g.temperature, -1).gather(-1, new[:, t, None])
-                 for t, x in enumerate(out.logits)]
-                out = out.sequences
+            else:  # the system's sampler, called bare; an EOS id that never comes: all `num` tokens, as measured
+                responses, _ = system.sampler.sample(policy, prompt_ids, prompt_mask, replace(g, max_new_tokens=num),
+                                                     -1, pad, with_logprobs=reuse)
+                out = torch.cat([prompt_ids, responses], 1)
         assert out.shape[1] - r.prompt_width == num, "the lower bound generated a different length"
         chunk = rows_per_forward(size, r.sequences.shape[1], p.max_tokens_per_forward,  # as the system's passes
                                  default=p.micro_batch_size or p.mini_batch_size)
@@ -631,6 +626,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(--model.critic_lora.top_layers; default: every layer)")
     p.add_argument("--shuffle", choices=["prompts", "rows"], help="how the update deals mini-batches "
                    "(--model.ppo.shuffle; default: the system's, prompts; rows for a commit from before that setting)")
+    p.add_argument("--draw", choices=["cdf", "multinomial"], help="how the decode loop draws a token "
+                   "(--model.generation.draw; default: the system's, cdf; multinomial for a commit from before it)")
     p.add_argument("--forward-tokens", type=int, help="--model.ppo.max_tokens_per_forward (0: null, rows of the "
                    "micro- or mini-batch, as before that setting; default: the system's, 4096)")
     p.add_argument("--lora-compute", choices=["input", "float32"], help="the dtype the adapters multiply in "
@@ -673,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vrpo_pl.lora import LoRASpec
+    from vrpo_pl.rollout import GenerationSettings
     from vrpo_pl.settings import PPOSettings
 
     if args.threads:
@@ -699,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.lora_compute or LoRASpec().compute}, no-gradient passes of at most "
               f"{args.forward_tokens if args.forward_tokens is not None else PPOSettings().max_tokens_per_forward} "
               "tokens (0: the mini-batch's rows), "
+              f"tokens drawn by {args.draw or GenerationSettings().draw}, "
               f"shared prompt prefix {'on' if args.share_prompt_prefix else 'off'}"
               f"\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
               f"batches after 1 warm-up. Command: `python benchmarks/throughput.py {' '.join(argv)}`")

@@ -305,7 +305,7 @@ def test_loop_sampler_prefilling_each_prompt_once_draws_the_same_tokens(models, 
     for name, sampler, share in [("shared", LoopSampler(), True), ("plain", LoopSampler(), False),
                                  ("generate", HFSampler(), False)]:
         settings = GenerationSettings(max_new_tokens=10, temperature=temperature, top_p=top_p,
-                                      share_prompt_prefill=share)
+                                      share_prompt_prefill=share, draw="multinomial")
         torch.manual_seed(3)
         with _count_tokens(policy) as seen:
             out[name] = sampler.sample(policy, input_ids, prompt_mask, settings, tokenizer.eos_token_id,
