@@ -77,7 +77,7 @@ class GenerationSettings:
     """``loop`` only: how a token is drawn from a step's probabilities. ``cdf``: one uniform number per row, looked
     up in the cumulative probabilities (inverse transform sampling; our choice): the same distribution, and on a
     CPU about 45x cheaper than ``multinomial``, whose exponential draw over the whole vocabulary took 27 ms of each
-    32-row decoding step of SmolLM2 (a third of generation; Intel Xeon, 2 threads). ``multinomial``:
+    32-row decoding step of SmolLM2 (a quarter of it; Intel Xeon, 2 threads). ``multinomial``:
     ``torch.multinomial``, as ``generate`` draws, so the same tokens as ``hf`` for a seed."""
     vllm_kv_cache_gib: float = 2.0
     """``vllm`` only: memory for vLLM's KV cache, in GiB. On CPU it sets ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB,
