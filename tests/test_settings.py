@@ -37,6 +37,7 @@ from vrpo_pl.settings import (
     (GenerationSettings, {"temperature": 0.0}, "--model.generation.temperature=0.0"),
     (GenerationSettings, {"top_p": 0.0}, "--model.generation.top_p=0.0"),
     (GenerationSettings, {"max_new_tokens": 0}, "--model.generation.max_new_tokens=0"),
+    (GenerationSettings, {"draw": "gumbel"}, "--model.generation.draw='gumbel'"),
     (PromptSettings, {"max_prompt_tokens": 0}, "--model.prompt.max_prompt_tokens=0"),
 ])
 def test_each_bad_value_names_its_flag(cls, kwargs, flag):
