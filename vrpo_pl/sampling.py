@@ -63,9 +63,9 @@ def _step_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor
 def draw_tokens(scores: Tensor, method: str = "cdf") -> Tensor:
     """One token per row from ``softmax(scores)``, (B, V) -> (B,) (``--model.generation.draw``).
 
-    ``cdf`` looks one uniform number per row up in the cumulative probabilities; a token of probability 0 (filtered
+    ``cdf`` looks one uniform number per row up in the cumulative probabilities. A token of probability 0 (removed
     by top-p) is never drawn: a row that would land on one (cumulative sums that round unevenly) is drawn again
-    with ``multinomial``, which ``multinomial`` draws for every row, as ``generate`` does.
+    with ``torch.multinomial``. ``multinomial`` draws every row with ``torch.multinomial``, as ``generate`` does.
     """
     probs = scores.softmax(dim=-1)
     if method == "multinomial":
