@@ -23,7 +23,8 @@ trimmed to their own extent, under the update's attention, log-probs by the syst
 medians over the measured iterations, ratio = full iteration / lower bound (goal <= 1.15). With
 ``--share-prompt-prefix`` (on by default, as in the system) the lower bound's frozen and update passes share each
 slice's prompts as the system's do, and so does its sampler's prefill. ``--no-share-prompt-prefix`` measures the
-plain passes (``benchmarks/prefix_passes.py``: pass by pass).
+plain passes (``benchmarks/prefix_passes.py``: pass by pass). ``--pack-rows`` (on by default, as in the system:
+``--model.ppo.pack_rows``) makes those passes packed calls over the real tokens, the lower bound's too.
 
 The compute bound is what the machine's matrix units need for the step's arithmetic: FLOPs counted from the
 token counts of each pass (:func:`step_flops`: 2 x the body's parameters per token of every forward pass, 2 x more
@@ -107,7 +108,8 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
            "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision, "--trainer.devices", "1",
            "--model.dtype", args.dtype, "--model.generation.backend", backend,
            "--model.ppo.share_prompt_prefix", str(args.share_prompt_prefix).lower(),
-           "--model.generation.share_prompt_prefill", str(args.share_prompt_prefix).lower()]
+           "--model.generation.share_prompt_prefill", str(args.share_prompt_prefix).lower(),
+           "--model.ppo.pack_rows", str(args.pack_rows).lower()]
     if args.tiny:
         out += ["--data.source.init_args.path", str(REPO_ROOT / "configs" / "data" / "arithmetic.jsonl")]
     if args.tiny and "vllm" in args.backends:  # vLLM's CPU attention needs head_dim 64, not TinyLM's default 16
@@ -278,15 +280,16 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     pad = system.tokenizer.pad_token_id
     p, times = system.ppo, {}
     width = r.prompt_width if p.share_prompt_prefix else None  # the system's shared prompt passes, when on
+    pack = p.pack_rows  # and its packed ones
 
     def logp(model, sl):
         logits = response_logits(model, r.sequences[sl], r.attention_mask[sl], r.position_ids[sl], num,
-                                 prompt_width=width)
+                                 prompt_width=width, pack=pack)
         return response_logprobs(logits, r.responses[sl], g.temperature)  # the system's chunked float32 log-probs
 
     def critic_values(sl, sample=False):
         return critic(r.sequences[sl], r.attention_mask[sl], r.position_ids[sl], num, sample=sample,
-                      prompt_width=width).values
+                      prompt_width=width, pack=pack).values
 
     @contextmanager
     def timed(name):
@@ -347,7 +350,7 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
                     with timed("update_policy"):
                         for b in micro_batches:
                             logits = response_logits(policy, b.sequences, b.attention_mask, b.position_ids, b.width,
-                                                     prompt_width=b.prompt_width if share else None)
+                                                     prompt_width=b.prompt_width if share else None, pack=pack)
                             ratio = torch.exp(response_logprobs(logits, b.take(r.responses), g.temperature)
                                               - b.take(r.logp))
                             adv = b.take(r.advantages)
@@ -363,7 +366,7 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
                     for b in micro_batches:
                         v = critic(b.sequences, b.attention_mask, b.position_ids, b.width,
                                    sample=bool(system.critic_settings.vib),
-                                   prompt_width=b.prompt_width if share else None).values
+                                   prompt_width=b.prompt_width if share else None, pack=pack).values
                         (((v - b.take(r.returns)) ** 2 * b.take(r.mask)).sum() / tokens).backward()
                     params = [q for q in critic.parameters() if q.requires_grad]
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -641,6 +644,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--share-prompt-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="--model.ppo.share_prompt_prefix and --model.generation.share_prompt_prefill (the lower "
                         "bound's frozen and update passes follow it)")
+    p.add_argument("--pack-rows", action=argparse.BooleanOptionalAction, default=True,
+                   help="--model.ppo.pack_rows (the lower bound's frozen and update passes follow it)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure each row in a fresh process (exact peak RSS on the CPU)")
@@ -698,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.forward_tokens if args.forward_tokens is not None else PPOSettings().max_tokens_per_forward} "
               "tokens (0: the mini-batch's rows), "
               f"tokens drawn by {args.draw or GenerationSettings().draw}, "
-              f"shared prompt prefix {'on' if args.share_prompt_prefix else 'off'}"
+              f"shared prompt prefix {'on' if args.share_prompt_prefix else 'off'}, "
+              f"packed rows {'on' if args.pack_rows else 'off'}"
               f"\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
               f"batches after 1 warm-up. Command: `python benchmarks/throughput.py {' '.join(argv)}`")
     peaks = {name: matmul_peak(name, device="cuda" if args.accelerator in ("gpu", "cuda") else "cpu")

@@ -1,7 +1,8 @@
-"""Shared prompt prefix (vrpo_pl.prefix): the passes that compute each distinct prompt once give the plain passes'
-logits, critic values and LoRA gradients (float32, left padding, ragged responses, G = 1, 2, 4, shuffled
-micro-batches that split groups), actually skip the repeated prompt tokens, fall back to one plain pass when no
-prompt repeats, and a fit with the setting on matches one with it off."""
+"""Shared prompt prefix (vrpo_pl.prefix) and packed rows (vrpo_pl.packing): the passes that compute each distinct
+prompt once, or each real token once in packed rows, give the plain passes' logits, critic values and LoRA gradients
+(float32, left padding, ragged responses, G = 1, 2, 4, shuffled micro-batches that split groups, one pack or
+several), actually skip the repeated prompt and padding tokens, fall back to the plain pass where they cannot apply,
+and a fit with either setting on matches one with it off."""
 
 from __future__ import annotations
 
@@ -152,12 +153,13 @@ def test_shared_pass_computes_each_prompt_once(models, samples):
         assert seen == [b.sequences.numel()]
 
 
-def _losses(policy, critic, b, r: Rollout, prompt_width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _losses(policy, critic, b, r: Rollout, prompt_width: int | None,
+            pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A log-likelihood of the responses (policy) and a squared error of the values (critic) on micro-batch ``b``."""
     args, tokens, mask = (b.sequences, b.attention_mask, b.position_ids, b.width), b.take(r.responses), b.take(r.mask)
-    logits = response_logits(policy, *args, prompt_width=prompt_width)
+    logits = response_logits(policy, *args, prompt_width=prompt_width, pack=pack)
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
-    values = critic(*args, prompt_width=prompt_width).values
+    values = critic(*args, prompt_width=prompt_width, pack=pack).values
     return (logp * mask).sum(), ((values - 1.0) ** 2 * mask).sum()
 
 
@@ -221,14 +223,16 @@ def test_micro_batches_by_prompt_keep_the_mini_batch(models):
     assert sorted(torch.cat(grouped).tolist()) == sorted(idx.tolist())
 
 
+@pytest.mark.parametrize("setting", ["share_prompt_prefix", "pack_rows"])
 @pytest.mark.parametrize("extra", [
     [],  # tiny.yaml: full fine-tuning, VRPO, micro-batches of 2 in mini-batches of 4
     ["--model.lora", "{r: 4, alpha: 8}", "--model.critic_lora", "{r: 4, alpha: 8}", "--model.ppo.micro_batch_size",
      "4", "--model.generation.sampler_logprobs", "false"],
 ])
-def test_fit_with_shared_prompts_matches_fit_without(run_cli, read_events, tmp_path, extra):
-    """One rollout batch of configs/tiny.yaml with the setting on and off: every logged loss and statistic of the
-    first step is the same within float32 rounding (timings and clip fractions aside).
+def test_fit_with_shared_prompts_matches_fit_without(run_cli, read_events, tmp_path, extra, setting):
+    """One rollout batch of configs/tiny.yaml with ``--model.ppo.share_prompt_prefix`` or ``--model.ppo.pack_rows``
+    on and off: every logged loss and statistic of the first step is the same within float32 rounding (timings and
+    clip fractions aside).
 
     Without the auxiliary loss: the random tiny model's guide entropies all lie within ~1e-3 of log V, so their
     standardization multiplies float rounding (~1e-6) by ~1000 (measured), which no pass order can avoid.
@@ -236,7 +240,7 @@ def test_fit_with_shared_prompts_matches_fit_without(run_cli, read_events, tmp_p
     scalars = {}
     for share in ("true", "false"):
         root = tmp_path / share
-        run_cli(root, "--model.ppo.share_prompt_prefix", share, "--trainer.val_check_interval", "100",
+        run_cli(root, f"--model.ppo.{setting}", share, "--trainer.val_check_interval", "100",
                 "--model.validate_at_start", "false", "--model.critic.aux", "none", *extra, max_steps=1)
         events = read_events(root)
         scalars[share] = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
@@ -245,7 +249,7 @@ def test_fit_with_shared_prompts_matches_fit_without(run_cli, read_events, tmp_p
     exempt = ("perf/", "policy/clipfrac", "value/clipfrac")
     differ = {tag: (on[tag], off[tag]) for tag in on
               if not tag.startswith(exempt) and on[tag] != pytest.approx(off[tag], rel=1e-4, abs=1e-6)}
-    assert not differ, f"statistics that depend on --model.ppo.share_prompt_prefix: {differ}"
+    assert not differ, f"statistics that depend on --model.ppo.{setting}: {differ}"
 
 
 def test_micro_batches_sharing_prompts_accumulate_to_the_mini_batch_update(run_cli, tmp_path):
@@ -315,3 +319,119 @@ def test_loop_sampler_prefilling_each_prompt_once_draws_the_same_tokens(models, 
     for name in ("plain", "generate"):
         assert torch.equal(out["shared"][0], out[name][0]), name
         assert_close(out["shared"][1], out[name][1], atol=1e-5, rtol=1e-5, msg=name)
+
+
+# Packed passes (vrpo_pl.packing): the rows' real tokens end to end in one call under a block mask.
+
+
+@pytest.mark.parametrize("pack_tokens", [512, 12])  # one pack; a pack per prompt group (the shorter ones padded)
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("samples", [1, 2, 4])
+def test_packed_logits_and_values_equal_the_plain_pass(models, samples, attention, share, pack_tokens, monkeypatch):
+    """Micro-batches of the whole batch and of a shuffled half: logits at the response positions, critic values,
+    VIB means and auxiliary outputs equal the plain pass's; positions past a response's end hold zero logits."""
+    import vrpo_pl.packing
+
+    tokenizer, policy, critic = models
+    monkeypatch.setattr(vrpo_pl.packing, "PACK_TOKENS", pack_tokens)
+    for model in (policy, critic.backbone):
+        monkeypatch.setattr(model.config, "_attn_implementation", attention)
+    r = _rollout(tokenizer, samples)
+    with torch.no_grad():
+        for rows in _rows_cases(r, samples):
+            b = micro_batch(r, rows)
+            args = (b.sequences, b.attention_mask, b.position_ids, b.width)
+            width = b.prompt_width if share else None
+            valid = b.take(r.mask).bool()
+            packed = response_logits(policy, *args, prompt_width=width, pack=True)
+            assert_close(packed[valid], response_logits(policy, *args)[valid], **TOL)
+            assert not packed[~valid].any()
+            out, plain = critic(*args, prompt_width=width, pack=True), critic(*args)
+            for name in ("values", "mu", "logvar", "aux"):
+                assert_close(getattr(out, name)[valid], getattr(plain, name)[valid], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_packed_pass_computes_each_real_token_once(models, share):
+    """One call whose real tokens are each (distinct) prompt once and every response but its last token; the rest
+    of the packs is padding of the shorter packs only."""
+    from vrpo_pl.packing import pack_rows
+
+    tokenizer, policy, _ = models
+    r = _rollout(tokenizer, samples=4)
+    num = r.responses.shape[1]
+    prompts = r.attention_mask[:, : r.prompt_width].sum(1)
+    expected = int(prompts[:: 4].sum() if share else prompts.sum()) + int((r.mask.sum(1) - 1).sum())
+    packed = pack_rows(r.sequences, r.attention_mask, r.position_ids, num, share_prompts=share)
+    assert int((packed.groups >= 0).sum()) == expected
+    with torch.no_grad(), _count_tokens(policy) as seen:
+        response_logits(policy, r.sequences, r.attention_mask, r.position_ids, num,
+                        prompt_width=r.prompt_width if share else None, pack=True)
+    assert seen == [packed.input_ids.numel()]
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_packed_pass_gives_the_plain_lora_gradients(models, share, monkeypatch):
+    """Gradients of every LoRA matrix (policy and critic) through a packed pass equal the plain pass's, in one pack
+    and in several."""
+    import vrpo_pl.packing
+
+    tokenizer, policy, critic = models
+    r = _rollout(tokenizer, samples=2)
+    params = [[p for n, p in model.named_parameters() if "lora_" in n] for model in (policy, critic)]
+    for pack_tokens in (512, 12):
+        monkeypatch.setattr(vrpo_pl.packing, "PACK_TOKENS", pack_tokens)
+        for rows in _rows_cases(r, 2):
+            b = micro_batch(r, rows)
+            packed = _losses(policy, critic, b, r, b.prompt_width if share else None, pack=True)
+            plain = _losses(policy, critic, b, r, None)
+            for loss_packed, loss_plain, tensors in zip(packed, plain, params, strict=True):
+                assert_close(loss_packed, loss_plain, **TOL)
+                for g_packed, g_plain in zip(torch.autograd.grad(loss_packed, tensors),
+                                             torch.autograd.grad(loss_plain, tensors), strict=True):
+                    assert g_plain.abs().max() > 0
+                    assert_close(g_packed, g_plain, rtol=1e-5, atol=1e-5 * float(g_plain.abs().max()))
+
+
+def test_score_rollout_packed_fills_the_plain_fields(models):
+    """The rollout's passes packed (slices of 3 rows that cut groups, and one wide pass) equal the plain ones."""
+    tokenizer, policy, critic = models
+    fields = {}
+    for pack, chunk in ((False, 3), (True, 3), (True, 64)):
+        r = _rollout(tokenizer, samples=2)
+        score_rollout(r, policy, None, critic, temperature=0.7, chunk=chunk, share_prefix=pack, pack=pack)
+        fields[pack, chunk] = {name: getattr(r, name) * r.mask for name in ("logp", "ref_logp", "values")}
+    for key in ((True, 3), (True, 64)):
+        for name, value in fields[key].items():
+            assert_close(value, fields[False, 3][name], **TOL, msg=f"{key} {name}")
+
+
+def test_packing_only_where_the_mask_is_honoured(models, monkeypatch):
+    """Packed only for a causal decoder whose attention takes the 4D mask as is, without a sliding window narrower
+    than the rows, over left-padded prompts followed by right-padded responses; else the other passes."""
+    from transformers import BertConfig, BertModel
+
+    from vrpo_pl.packing import packable, rows_are_packable
+
+    tokenizer, policy, _ = models
+    r = _rollout(tokenizer, samples=2)
+    num = r.responses.shape[1]
+    assert packable(policy, r.attention_mask, num)
+    holed = r.attention_mask.clone()
+    holed[0, r.prompt_width + 1] = 0  # a response that resumes after padding
+    assert not rows_are_packable(holed, num) and not packable(policy, holed, num)
+    assert not rows_are_packable(r.attention_mask, r.sequences.shape[1])  # no prompt column
+    config = policy.config
+    monkeypatch.setattr(config, "_attn_implementation", "flash_attention_2")
+    assert not packable(policy, r.attention_mask, num)
+    monkeypatch.setattr(config, "_attn_implementation", "eager")
+    monkeypatch.setattr(config, "sliding_window", r.sequences.shape[1] - 1, raising=False)
+    assert not packable(policy, r.attention_mask, num)
+    monkeypatch.setattr(config, "sliding_window", r.sequences.shape[1], raising=False)
+    assert packable(policy, r.attention_mask, num)
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=16))
+    assert not packable(bert, r.attention_mask, num)
+    holed_logits = response_logits(policy, r.sequences, holed, r.position_ids, num, pack=True)
+    assert_close(holed_logits, response_logits(policy, r.sequences, holed, r.position_ids, num))  # the plain pass

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from vrpo_pl.losses import reparameterize
+from vrpo_pl.packing import packable, packed_hidden
 from vrpo_pl.prefix import shared_prefix_hidden, shared_prompts_for
 
 
@@ -193,7 +194,7 @@ class ValueModel(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, num_response: int,
         sample: bool = False, generator: torch.Generator | None = None, noise: Tensor | None = None,
-        prompt_width: int | None = None,
+        prompt_width: int | None = None, pack: bool = False,
     ) -> ValueOutput:
         """
         Args:
@@ -206,7 +207,14 @@ class ValueModel(nn.Module):
             noise: see :meth:`ValueHead.forward`.
             prompt_width: P, the prompt columns (T = P + A): given, rows that repeat a prompt compute it once
                 (:mod:`vrpo_pl.prefix`); None, or no prompt repeated: one plain pass of the body.
+            pack: one packed call of the body over the rows' real tokens where it allows (:mod:`vrpo_pl.packing`),
+                sharing prompts when ``prompt_width`` is given; values past each response's end are the head's
+                output at a zero hidden state (masked by every loss).
         """
+        if pack and packable(self.backbone, attention_mask, num_response):
+            hidden = packed_hidden(self.backbone, input_ids, attention_mask, position_ids, num_response,
+                                   share_prompts=prompt_width is not None)
+            return self.head(hidden, sample=sample, generator=generator, noise=noise)
         shared = shared_prompts_for(self.backbone, input_ids, attention_mask, num_response, prompt_width)
         if shared is not None:
             hidden = shared_prefix_hidden(self.backbone, input_ids, attention_mask, position_ids, shared)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from vrpo_pl.logprobs import logprobs_from_logits, token_logprobs_and_entropy
 from vrpo_pl.models import training_attention
+from vrpo_pl.packing import packable, packed_logits
 from vrpo_pl.prefix import shared_prefix_logits, shared_prompts_for
 from vrpo_pl.rewards.base import Completion
 from vrpo_pl.sampling import Sampler
@@ -180,7 +181,7 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 def response_logits(
     model: nn.Module, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, num_response: int,
-    prompt_width: int | None = None,
+    prompt_width: int | None = None, pack: bool = False,
 ) -> Tensor:
     """Next-token logits at the A response positions, computing the LM head only there.
 
@@ -190,10 +191,16 @@ def response_logits(
         num_response: A, the response positions at the end of the rows.
         prompt_width: P, the prompt columns (T = P + A): given, rows that repeat a prompt compute it once
             (:mod:`vrpo_pl.prefix`, ``--model.ppo.share_prompt_prefix``); None, or no prompt repeated: one plain pass.
+        pack: one packed call over the rows' real tokens where the model allows (:mod:`vrpo_pl.packing`,
+            ``--model.ppo.pack_rows``), sharing prompts when ``prompt_width`` is given; zero logits past each
+            response's end.
 
     Returns:
         (B, A, V) logits; row t predicts response token t.
     """
+    if pack and packable(model, attention_mask, num_response):
+        return packed_logits(model, sequences, attention_mask, position_ids, num_response,
+                             share_prompts=prompt_width is not None)
     shared = shared_prompts_for(model, sequences, attention_mask, num_response, prompt_width)
     if shared is not None:
         return shared_prefix_logits(model, sequences, attention_mask, position_ids, shared)
@@ -390,14 +397,15 @@ def rows_per_forward(size: int, width: int, budget: int | None, default: int) ->
 @torch.no_grad()
 def score_rollout(
     r: Rollout, policy: nn.Module, reference: nn.Module | None, critic: nn.Module | None, *, temperature: float,
-    chunk: int, guide: GuideFn | None = None, share_prefix: bool = True,
+    chunk: int, guide: GuideFn | None = None, share_prefix: bool = True, pack: bool = False,
 ) -> None:
     """The rollout's no-gradient passes, each once per slice of ``chunk`` sequences; fills ``r`` in place.
 
     ``r.logp`` from the policy unless the sampler already gave it, ``r.ref_logp`` from the reference (whose logits
     also feed ``guide``, so a guide that is the reference costs no pass), ``r.guide_raw`` with ``guide``, and
     ``r.values`` with a critic. With ``share_prefix`` (``--model.ppo.share_prompt_prefix``) the policy, reference and
-    critic passes compute each distinct prompt of a slice once (:mod:`vrpo_pl.prefix`).
+    critic passes compute each distinct prompt of a slice once (:mod:`vrpo_pl.prefix`); with ``pack``
+    (``--model.ppo.pack_rows``) each pass is one packed call over the slice's real tokens (:mod:`vrpo_pl.packing`).
     """
     num, parts = r.responses.shape[1], defaultdict(list)
     width = r.prompt_width if share_prefix else None
@@ -407,16 +415,16 @@ def score_rollout(
         if r.logp is None:
             # The old log-probs in the update's own numerics (its attention kernel), so the first ratio is 1.
             with training_attention(policy):
-                logits = response_logits(policy, *args, num, prompt_width=width)
+                logits = response_logits(policy, *args, num, prompt_width=width, pack=pack)
             parts["logp"].append(response_logprobs(logits, r.responses[sl], temperature))
         with reference_model(policy, reference) as ref:
-            ref_logits = response_logits(ref, *args, num, prompt_width=width)
+            ref_logits = response_logits(ref, *args, num, prompt_width=width, pack=pack)
         parts["ref_logp"].append(response_logprobs(ref_logits, r.responses[sl], temperature))
         if guide is not None:
             parts["guide_raw"].append(guide(*args, r.responses[sl], ref_logits))
         del ref_logits
         if critic is not None:
-            parts["values"].append(critic(*args, num, prompt_width=width).values)
+            parts["values"].append(critic(*args, num, prompt_width=width, pack=pack).values)
     for name, values in parts.items():
         setattr(r, name, torch.cat(values))
 

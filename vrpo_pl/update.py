@@ -60,6 +60,8 @@ class PPOUpdate:
     """Rollout batches done before this one: the critic's warm-up, the VIB's beta ramp, messages."""
     shares_prompts: bool
     """The micro-batches' passes compute each distinct prompt once (``RLSystem.shares_prompts``)."""
+    packs_rows: bool
+    """The micro-batches' passes are packed calls (``--model.ppo.pack_rows``, :mod:`vrpo_pl.packing`)."""
     shuffle_gen: torch.Generator
     """The mini-batches' shuffling (the system's, seeded by ``--model.seed``)."""
     vib_gen: torch.Generator | None
@@ -160,7 +162,7 @@ class PPOUpdate:
         """The policy objective on the micro-batch ``rows``: ``(micro-batch, loss, per-token stats, {})``."""
         b = micro_batch(r, rows)
         logits = response_logits(self.policy, b.sequences, b.attention_mask, b.position_ids, b.width,
-                                 prompt_width=self._shared_prompt_width(b))
+                                 prompt_width=self._shared_prompt_width(b), pack=self.packs_rows)
         logp, entropy = logprobs_and_entropy(logits, b.take(r.responses), self.temperature,
                                                entropy_grad=self.ppo.entropy_coef > 0)
         loss, stats = L.policy_objective(
@@ -174,7 +176,7 @@ class PPOUpdate:
         c, b = self.critic_settings, micro_batch(r, rows)
         out = self.critic(b.sequences, b.attention_mask, b.position_ids, b.width, sample=bool(c.vib),
                           noise=None if self._vib_noise is None else b.take(self._vib_noise),
-                          prompt_width=self._shared_prompt_width(b))
+                          prompt_width=self._shared_prompt_width(b), pack=self.packs_rows)
         unit = self.critic.head.normalize  # the regression's units (standardized returns with normalize_values)
         loss, stats, correlations = L.critic_objective(
             unit(out.values), unit(b.take(r.values)), unit(b.take(r.returns)), b.take(r.mask),
