@@ -83,6 +83,8 @@ PHASES = ["generation", "frozen", "score", "update_policy", "update_critic"]
 
 def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> list[str]:
     """LightningCLI arguments of one algorithm's measured run (no validation, logger or checkpoints)."""
+    from vrpo_pl.rollout import GenerationSettings
+
     config = REPO_ROOT / "configs" / ("tiny.yaml" if args.tiny else "quickstart.yaml")
     adapters = {**LORA, **({"compute": args.lora_compute} if args.lora_compute else {})}
     lora = json.dumps(adapters)
@@ -96,7 +98,8 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
            *(["--model.ppo.critic_epochs", str(args.critic_epochs)] if args.critic_epochs is not None else []),
            *(["--model.compile", "true"] if args.compile else []),
            *(["--model.ppo.shuffle", args.shuffle] if args.shuffle else []),
-           *(["--model.generation.draw", args.draw] if args.draw else []),
+           # Always named: configs/quickstart.yaml pins multinomial so that its documented run reproduces.
+           "--model.generation.draw", args.draw or GenerationSettings().draw,
            *(["--model.ppo.max_tokens_per_forward", str(args.forward_tokens or "null")]
              if args.forward_tokens is not None else []),
            "--data.prompts_per_rollout", str(args.prompts), "--data.samples_per_prompt", str(args.samples),

@@ -378,3 +378,18 @@ def test_robustness_report_pools_the_noisy_cells(benchmarks):
     text = benchmarks["robustness"].results_markdown(results, ["none", "flip0.3", "vote", "random"], "# h")
     row = next(line for line in text.splitlines() if "every noisy cell, pooled" in line)
     assert "(2 cells, 4 seeds paired with PPO)" in row and row.split("|")[2].strip().startswith("**+0.250"), row
+
+
+def test_throughput_names_the_systems_draw_and_passes(benchmarks):
+    """The measured run draws tokens as the system's default does, not as configs/quickstart.yaml pins them (its
+    documented run reproduces with multinomial draws), unless --draw says otherwise; --no-pack-rows reaches the
+    system."""
+    from vrpo_pl.rollout import GenerationSettings
+
+    throughput = benchmarks["throughput"]
+    command = throughput.cli_args("ppo", throughput.parse_args([]))
+    assert value(command, "--model.generation.draw") == GenerationSettings().draw == "cdf"
+    assert value(command, "--model.ppo.pack_rows") == "true"
+    command = throughput.cli_args("ppo", throughput.parse_args(["--draw", "multinomial", "--no-pack-rows"]))
+    assert value(command, "--model.generation.draw") == "multinomial"
+    assert value(command, "--model.ppo.pack_rows") == "false"

@@ -71,13 +71,20 @@ class PackedRows:
         keep, where = torch.unique(self.column, sorted=True, return_inverse=True)
         return keep, self.pack * keep.numel() + where
 
-    def scatter(self, outputs: Tensor) -> Tensor:
-        """(n, ...) outputs of the response tokens, in row-major order of :attr:`valid`, as (B, A, ...) with zeros
-        at padding (differentiable)."""
+    def spread(self, outputs: Tensor, index: Tensor) -> Tensor:
+        """The (B, A, ...) outputs that predict the response tokens, zeros at padding (differentiable).
+
+        Args:
+            outputs: (R, ...) rows of outputs, e.g. the packs' flattened kept logits.
+            index: (n,) the row of ``outputs`` of each response token, in row-major order of :attr:`valid`.
+        """
         rows, width = self.valid.shape
-        flat = outputs.new_zeros(rows * width, *outputs.shape[1:])
-        slots = self.valid.flatten().nonzero().squeeze(1)
-        return flat.index_copy(0, slots, outputs).view(rows, width, *outputs.shape[1:])
+        # One gather from the outputs and a zero row after them: a prompt's last output serves each of its rows
+        # (index_select's backward adds those up, far cheaper than indexing's accumulating index_put).
+        source = torch.full((rows * width,), outputs.shape[0], dtype=torch.long, device=outputs.device)
+        source[self.valid.flatten()] = index
+        padded = torch.cat([outputs, outputs.new_zeros(1, *outputs.shape[1:])])
+        return padded.index_select(0, source).view(rows, width, *outputs.shape[1:])
 
 
 def rows_are_packable(attention_mask: Tensor, num_response: int) -> bool:
@@ -205,8 +212,7 @@ def packed_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor, p
     keep, index = packed.kept_columns()
     out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask(_mask_dtype(model)),
                 position_ids=packed.position_ids, logits_to_keep=keep, use_cache=False)
-    logits = out.logits
-    return packed.scatter(logits.reshape(-1, logits.shape[-1])[index])
+    return packed.spread(out.logits.reshape(-1, out.logits.shape[-1]), index)
 
 
 def packed_hidden(backbone: nn.Module, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor,
@@ -220,4 +226,4 @@ def packed_hidden(backbone: nn.Module, sequences: Tensor, attention_mask: Tensor
     out = backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask(_mask_dtype(backbone)),
                    position_ids=packed.position_ids, use_cache=False)
     hidden = out.last_hidden_state
-    return packed.scatter(hidden.reshape(-1, hidden.shape[-1])[packed.pack * hidden.shape[1] + packed.column])
+    return packed.spread(hidden.reshape(-1, hidden.shape[-1]), packed.pack * hidden.shape[1] + packed.column)
