@@ -17,8 +17,8 @@ prompt's last token for token 0, then the row's own tokens) are gathered back in
 Measured on 2 Xeon cores (docs/performance.md): a policy forward + backward over throughput.py's micro-batch of 8
 rows (2 prompts of 45 tokens, 175 response tokens of 256 columns) 0.52 s packed against 0.76 s shared.
 
-Packs hold whole prompt groups, up to :data:`PACK_TOKENS` tokens (a longer group gets a pack of its own); the K
-packs are right-padded to the longest and run as one call. A pack's attention is dense (N x N per head, most of it
+Packs hold whole rows, prompt group by prompt group, up to :data:`PACK_TOKENS` tokens (a group split between
+two packs has its prompt in both); the K packs are right-padded to the longest and run as one call. A pack's attention is dense (N x N per head, most of it
 masked), which is why packs stay short. Packing needs eager or sdpa attention (the 4D mask is passed through as
 is), a causal decoder with position ids (no ALiBi, no sliding window narrower than the rows), and rows laid out as
 above; any other pass takes the shared or plain one (:func:`packable`). Shapes: B rows, T = P + A columns, U
@@ -34,10 +34,11 @@ from torch import Tensor, nn
 
 from vrpo_pl.prefix import _text_config, distinct_prompts, supports_shared_prefix
 
-PACK_TOKENS = 512
-"""Tokens per pack at most (a prompt group longer than this is a pack of its own). A pack's attention is N x N,
-so its scores (and, in a pass that trains, the saved probabilities) grow with this; 512 keeps them below what the
-shared pass's rows hold for responses of a few hundred tokens."""
+PACK_TOKENS = 256
+"""Tokens per pack at most, unless one row with its prompt is longer. A pack's attention is dense, N x N per head,
+so its cost (and, in a pass that trains, the saved probabilities) grows with this. On 2 Xeon cores, the rollout's
+no-gradient passes over 32 rows of throughput.py's workload took 1.86-1.90 s with packs of at most 128-256
+tokens, 2.03 s with 512, 2.7-3.0 s with 1024-2048, and 1.96-2.03 s shared without packing."""
 
 _MASKED_ATTENTION = ("eager", "sdpa", "vrpo_compiled_eager")
 
@@ -48,7 +49,7 @@ class PackedRows:
 
     input_ids: Tensor  # (K, N) tokens; padding at the end of the shorter packs
     position_ids: Tensor  # (K, N) each token's position in its own row
-    groups: Tensor  # (K, N) the token's prompt (0 .. U-1), -1 for padding
+    groups: Tensor  # (K, N) the token's prompt segment within its pack (0, 1, ...), -1 for padding
     owners: Tensor  # (K, N) the row whose response holds the token, -1 for a prompt token or padding
     pack: Tensor  # (n,) the pack of each response token's predicting output, row-major over valid (B, A) positions
     column: Tensor  # (n,) its column in that pack
@@ -112,8 +113,8 @@ def pack_rows(sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, n
         attention_mask, position_ids: (B, T).
         num_response: A, the response columns at the end of the rows.
         share_prompts: rows with the same prompt share one copy of it (else every row packs its own).
-        max_tokens: tokens per pack at most (default :data:`PACK_TOKENS`); a prompt group longer than this is a
-            pack of its own.
+        max_tokens: tokens per pack at most (default :data:`PACK_TOKENS`), unless one row with its prompt is
+            longer; a prompt group that does not fit continues in the next pack with its prompt again.
 
     Returns:
         :class:`PackedRows`.
@@ -130,14 +131,20 @@ def pack_rows(sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, n
     members = [[] for _ in prompt_rows]
     for row, u in enumerate(inverse):
         members[u].append(row)
-    sizes = [prompt_len[r] + sum(max(response_len[i] - 1, 0) for i in members[u]) for u, r in enumerate(prompt_rows)]
-    packs, current, filled = [], [], 0  # prompt groups, in order, greedily up to max_tokens per pack
-    for u, size in enumerate(sizes):
-        if current and filled + size > max_tokens:
-            packs.append(current)
-            current, filled = [], 0
-        current.append(u)
-        filled += size
+    # Packs of whole rows, prompt group by prompt group, up to max_tokens each: a group that does not fit in what is
+    # left of a pack continues in the next one, whose first segment carries the prompt again.
+    packs, current, filled = [], [], 0  # a pack: [(prompt, [rows])]
+    for u, r in enumerate(prompt_rows):
+        rows = []
+        for i in members[u]:
+            need = max(response_len[i] - 1, 0) + (0 if rows else prompt_len[r])
+            if (current or rows) and filled + need > max_tokens:
+                packs.append(current + ([(u, rows)] if rows else []))
+                current, filled, rows = [], 0, []
+                need = max(response_len[i] - 1, 0) + prompt_len[r]
+            rows.append(i)
+            filled += need
+        current.append((u, rows))
     packs.append(current)
 
     # Each packed token is (row, column) of the batch; responses' predicting outputs are (pack, column) of the packs.
@@ -145,19 +152,19 @@ def pack_rows(sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, n
     out_pack, out_col = [0] * batch, [None] * batch
     for k, pack in enumerate(packs):
         rows_k, cols_k, groups_k, owners_k = [], [], [], []
-        for u in pack:
+        for segment, (u, rows) in enumerate(pack):
             r = prompt_rows[u]
             rows_k += [r] * prompt_len[r]
             cols_k += range(p - prompt_len[r], p)
-            groups_k += [u] * prompt_len[r]
+            groups_k += [segment] * prompt_len[r]
             owners_k += [-1] * prompt_len[r]
             last_prompt = len(cols_k) - 1
-            for i in members[u]:
+            for i in rows:
                 m = max(response_len[i] - 1, 0)
                 out_pack[i], out_col[i] = k, [last_prompt, *range(len(cols_k), len(cols_k) + m)]
                 rows_k += [i] * m
                 cols_k += range(p, p + m)
-                groups_k += [u] * m
+                groups_k += [segment] * m
                 owners_k += [i] * m
         src_row.append(rows_k), src_col.append(cols_k), groups.append(groups_k), owners.append(owners_k)
     n = max(len(c) for c in src_col)
