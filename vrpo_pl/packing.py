@@ -17,8 +17,8 @@ prompt's last token for token 0, then the row's own tokens) are gathered back in
 Measured on 2 Xeon cores (docs/performance.md): a policy forward + backward over throughput.py's micro-batch of 8
 rows (2 prompts of 45 tokens, 175 response tokens of 256 columns) 0.52 s packed against 0.76 s shared.
 
-Packs hold whole rows, prompt group by prompt group, up to :data:`PACK_TOKENS` tokens (a group split between
-two packs has its prompt in both); the K packs are right-padded to the longest and run as one call. A pack's attention is dense (N x N per head, most of it
+Packs hold whole prompt groups, merged while they fit in :data:`PACK_TOKENS` tokens (a longer group is cut into
+packs of its own, each with the prompt); the K packs are right-padded to the longest and run as one call. A pack's attention is dense (N x N per head, most of it
 masked), which is why packs stay short. Packing needs eager or sdpa attention (the 4D mask is passed through as
 is), a causal decoder with position ids (no ALiBi, no sliding window narrower than the rows), and rows laid out as
 above; any other pass takes the shared or plain one (:func:`packable`). Shapes: B rows, T = P + A columns, U
@@ -34,11 +34,12 @@ from torch import Tensor, nn
 
 from vrpo_pl.prefix import _text_config, distinct_prompts, supports_shared_prefix
 
-PACK_TOKENS = 256
-"""Tokens per pack at most, unless one row with its prompt is longer. A pack's attention is dense, N x N per head,
-so its cost (and, in a pass that trains, the saved probabilities) grows with this. On 2 Xeon cores, the rollout's
-no-gradient passes over 32 rows of throughput.py's workload took 1.86-1.90 s with packs of at most 128-256
-tokens, 2.03 s with 512, 2.7-3.0 s with 1024-2048, and 1.96-2.03 s shared without packing."""
+PACK_TOKENS = 128
+"""Tokens per pack at most, unless one prompt group (or one row with its prompt) is longer. A pack's attention is
+dense, N x N per head, so its cost (and, in a pass that trains, the saved probabilities) grows with this; below
+a group's size, every group is a pack. On 2 Xeon cores, the rollout's no-gradient passes over throughput.py's 32
+rows (8 groups of 200-280 tokens) took 1.80-1.90 s in packs of one group, 2.03 s in packs of up to 512 tokens,
+2.6-3.0 s of up to 1024-2048, and 1.89-2.04 s shared without packing."""
 
 _MASKED_ATTENTION = ("eager", "sdpa", "vrpo_compiled_eager")
 
@@ -113,8 +114,8 @@ def pack_rows(sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, n
         attention_mask, position_ids: (B, T).
         num_response: A, the response columns at the end of the rows.
         share_prompts: rows with the same prompt share one copy of it (else every row packs its own).
-        max_tokens: tokens per pack at most (default :data:`PACK_TOKENS`), unless one row with its prompt is
-            longer; a prompt group that does not fit continues in the next pack with its prompt again.
+        max_tokens: tokens per pack at most (default :data:`PACK_TOKENS`): groups are merged while they fit, a
+            longer group is cut into packs of its own (each with the prompt), one row with its prompt never.
 
     Returns:
         :class:`PackedRows`.
@@ -131,21 +132,28 @@ def pack_rows(sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, n
     members = [[] for _ in prompt_rows]
     for row, u in enumerate(inverse):
         members[u].append(row)
-    # Packs of whole rows, prompt group by prompt group, up to max_tokens each: a group that does not fit in what is
-    # left of a pack continues in the next one, whose first segment carries the prompt again.
+    # Whole prompt groups, merged in order while they fit in max_tokens; a group longer than that alone is cut into
+    # packs of its own, each carrying the prompt (a group cut across a shared pack would pad every other pack).
     packs, current, filled = [], [], 0  # a pack: [(prompt, [rows])]
     for u, r in enumerate(prompt_rows):
-        rows = []
+        size = prompt_len[r] + sum(max(response_len[i] - 1, 0) for i in members[u])
+        if current and filled + size > max_tokens:
+            packs.append(current)
+            current, filled = [], 0
+        if size <= max_tokens:
+            current.append((u, members[u]))
+            filled += size
+            continue
+        rows, need = [], prompt_len[r]
         for i in members[u]:
-            need = max(response_len[i] - 1, 0) + (0 if rows else prompt_len[r])
-            if (current or rows) and filled + need > max_tokens:
-                packs.append(current + ([(u, rows)] if rows else []))
-                current, filled, rows = [], 0, []
-                need = max(response_len[i] - 1, 0) + prompt_len[r]
+            if rows and need + max(response_len[i] - 1, 0) > max_tokens:
+                packs.append([(u, rows)])
+                rows, need = [], prompt_len[r]
             rows.append(i)
-            filled += need
-        current.append((u, rows))
-    packs.append(current)
+            need += max(response_len[i] - 1, 0)
+        packs.append([(u, rows)])
+    if current:
+        packs.append(current)
 
     # Each packed token is (row, column) of the batch; responses' predicting outputs are (pack, column) of the packs.
     src_row, src_col, groups, owners = [], [], [], []
