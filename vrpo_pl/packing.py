@@ -14,8 +14,9 @@ computation is then the plain pass's (equal up to float rounding; tested), while
 layers run once over the real tokens, in one call. The outputs at the positions that predict a response token (the
 prompt's last token for token 0, then the row's own tokens) are gathered back into (B, A, ...), zeros at padding.
 
-Measured on 2 Xeon cores (docs/performance.md): a policy forward + backward over throughput.py's micro-batch of 8
-rows (2 prompts of 45 tokens, 175 response tokens of 256 columns) 0.52 s packed against 0.76 s shared.
+Measured on 2 Xeon cores (docs/performance.md, "Packed rows"): the update's policy and critic passes over
+throughput.py's micro-batches of 8 rows 0.68-0.75x the time of the shared passes; the rollout's wide no-gradient
+passes about the same time either way (:data:`PACK_TOKENS`).
 
 Packs hold whole prompt groups, merged while they fit in :data:`PACK_TOKENS` tokens (a longer group is cut into
 packs of its own, each with the prompt); the K packs are right-padded to the longest and run as one call. A pack's attention is dense (N x N per head, most of it
@@ -34,12 +35,14 @@ from torch import Tensor, nn
 
 from vrpo_pl.prefix import _text_config, distinct_prompts, supports_shared_prefix
 
-PACK_TOKENS = 128
+PACK_TOKENS = 256
 """Tokens per pack at most, unless one prompt group (or one row with its prompt) is longer. A pack's attention is
-dense, N x N per head, so its cost (and, in a pass that trains, the saved probabilities) grows with this; below
-a group's size, every group is a pack. On 2 Xeon cores, the rollout's no-gradient passes over throughput.py's 32
-rows (8 groups of 200-280 tokens) took 1.80-1.90 s in packs of one group, 2.03 s in packs of up to 512 tokens,
-2.6-3.0 s of up to 1024-2048, and 1.89-2.04 s shared without packing."""
+dense, N x N per head, so its cost (and, in a pass that trains, the saved probabilities) grows with this. On 2 Xeon
+cores, over the same two rollouts of throughput.py's workload (alternating, best of 2): the update's 4 micro-batches
+of 8 rows (2 groups of about 120-150 tokens), policy and critic forward + backward, 3.95 and 4.69 s in packs of up
+to 256 tokens (both groups in one), 4.09 and 4.96 s with 512, 4.63 and 5.25 s with 128 (a pack per group), 5.83 and
+6.22 s shared without packing; the no-gradient passes over all 32 rows 2.05-2.47 s whatever the packs (2.05-2.33 s
+unpacked), and 2.6-3.0 s in packs of up to 1024-2048 tokens."""
 
 _MASKED_ATTENTION = ("eager", "sdpa", "vrpo_compiled_eager")
 
@@ -81,12 +84,14 @@ class PackedRows:
             index: (n,) the row of ``outputs`` of each response token, in row-major order of :attr:`valid`.
         """
         rows, width = self.valid.shape
-        # One gather from the outputs and a zero row after them: a prompt's last output serves each of its rows
-        # (index_select's backward adds those up, far cheaper than indexing's accumulating index_put).
-        source = torch.full((rows * width,), outputs.shape[0], dtype=torch.long, device=outputs.device)
-        source[self.valid.flatten()] = index
-        padded = torch.cat([outputs, outputs.new_zeros(1, *outputs.shape[1:])])
-        return padded.index_select(0, source).view(rows, width, *outputs.shape[1:])
+        valid = self.valid.flatten()
+        # One gather (a prompt's last output serves each of its rows: index_select's backward adds those up, far
+        # cheaper than indexing's accumulating index_put), then padding zeroed in place: no third copy of the logits.
+        source = torch.zeros(rows * width, dtype=torch.long, device=outputs.device)
+        source[valid] = index
+        spread = outputs.index_select(0, source)
+        spread.masked_fill_(~valid.view(-1, *[1] * (outputs.dim() - 1)), 0)
+        return spread.view(rows, width, *outputs.shape[1:])
 
 
 def rows_are_packable(attention_mask: Tensor, num_response: int) -> bool:
