@@ -1,4 +1,5 @@
-"""Shared prompt prefix microbenchmark: seconds of each pass with and without ``--model.ppo.share_prompt_prefix``.
+"""Pass microbenchmark: seconds of each pass plain, with shared prompts (``--model.ppo.share_prompt_prefix``) and
+packed (``--model.ppo.pack_rows``, for each ``--pack-tokens`` size), over the same rows.
 
 Workload (default): SmolLM2-135M-Instruct (``vrpo_pl.models.SmolLM2``, offline), LoRA r=16 alpha=32 on q/k/v/o for
 the policy and the critic (plain value head; the critic's body on the policy's frozen base tensors, as RLSystem
@@ -6,7 +7,8 @@ builds it), ``--prompts`` 8 prompts of ``configs/data/arithmetic.jsonl`` with th
 ``--new-tokens`` 16 sampled at temperature 1 by the loop sampler (real, ragged responses). ``--tiny``: TinyLM.
 
 Each pass runs over the rollout in micro-batches of ``--chunk`` rows, trimmed as the system trims them, the same
-rows with sharing on and off:
+rows in every variant (``plain``: every row computes its prompt and padding; ``shared``: each distinct prompt once,
+:mod:`vrpo_pl.prefix`; ``packed N``: the real tokens in packs of up to N tokens, :mod:`vrpo_pl.packing`):
 
 - ``reference`` (no gradient): the adapter-disabled policy's logits and log-probs, in the rollout's slices (rows in
   prompt order, what ``score_rollout`` does);
@@ -15,8 +17,8 @@ rows with sharing on and off:
   micro-batches formed prompt by prompt (what the update does; eager attention with bf16 weights on CPU, as there);
 - ``critic_grad``: the critic's forward + backward of a squared error, same micro-batches.
 
-Rounds alternate on and off (A B A B ...) after one warm-up round of each, so contention drifts over both alike;
-medians are reported with the tokens each pass feeds the model. Before timing it prints the CPU, the load average
+Rounds rotate over the variants (A B C, B C A, ...) after one warm-up round of each, so contention drifts over all
+alike; medians are reported with the tokens each pass feeds the model. Before timing it prints the CPU, the load average
 and whether ``/work/scratch/BUSY`` is present (another job on the machine): figures taken under load are contended.
 On a loaded 2-core machine use ``--threads 1``: with torch's 2 threads every small operator waits for the busy core
 (measured: ~5 ms per elementwise op instead of ~50 us), so the shared pass, which calls the model twice, measured
@@ -25,6 +27,7 @@ against 2.7 s).
 
     python benchmarks/prefix_passes.py                       # SmolLM2, 8 x 4, 16 new tokens, micro-batches of 8
     python benchmarks/prefix_passes.py --chunk 32 --rounds 5 --dtype bfloat16
+    python benchmarks/prefix_passes.py --dtype bfloat16 --new-tokens 32 --pack-tokens 128 256 512   # pack sizes
     python benchmarks/prefix_passes.py --tiny --rounds 1     # seconds: the script runs
 """
 
@@ -36,6 +39,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -104,70 +108,100 @@ def micro_batches(r, chunk: int, update: bool) -> list:
     return [micro_batch(r, rows) for rows in split_micro_batches(r, order, chunk, None, by_prompt=True)]
 
 
-def run_pass(name: str, policy, critic, r, batches: list, share: bool) -> None:
-    """One pass ``name`` over ``batches``, with sharing on or off."""
+def variants(pack_tokens: list[int]) -> list[str]:
+    """The variants timed: ``plain``, ``shared`` and ``packed N`` for each pack size."""
+    return ["plain", "shared", *(f"packed {n}" for n in pack_tokens)]
+
+
+@contextmanager
+def variant_settings(variant: str):
+    """``(prompt sharing, packing)`` of a variant, with its pack size set for the duration."""
+    import vrpo_pl.packing
+
+    default = vrpo_pl.packing.PACK_TOKENS
+    if variant.startswith("packed"):
+        vrpo_pl.packing.PACK_TOKENS = int(variant.split()[1])
+    try:
+        yield variant != "plain", variant.startswith("packed")
+    finally:
+        vrpo_pl.packing.PACK_TOKENS = default
+
+
+def run_pass(name: str, policy, critic, r, batches: list, variant: str) -> None:
+    """One pass ``name`` over ``batches`` in ``variant`` (:func:`variants`)."""
     import torch
 
     from vrpo_pl.models import training_attention
     from vrpo_pl.rollout import response_logits, response_logprobs
 
-    for b in batches:
-        width = b.prompt_width if share else None
-        args = (b.sequences, b.attention_mask, b.position_ids, b.width)
-        if name == "reference":
-            with torch.no_grad(), policy.disable_adapter():
-                response_logprobs(response_logits(policy, *args, prompt_width=width), b.take(r.responses))
-        elif name == "values":
-            with torch.no_grad():
-                critic(*args, prompt_width=width)
-        elif name == "policy_grad":
-            with training_attention(policy):
-                logp = response_logprobs(response_logits(policy, *args, prompt_width=width), b.take(r.responses))
-                (logp * b.take(r.mask)).sum().backward()
-        else:
-            with training_attention(critic):
-                values = critic(*args, prompt_width=width).values
-                ((values - 1.0) ** 2 * b.take(r.mask)).sum().backward()
+    with variant_settings(variant) as (share, pack):
+        for b in batches:
+            width = b.prompt_width if share else None
+            args = (b.sequences, b.attention_mask, b.position_ids, b.width)
+            if name == "reference":
+                with torch.no_grad(), policy.disable_adapter():
+                    response_logprobs(response_logits(policy, *args, prompt_width=width, pack=pack),
+                                      b.take(r.responses))
+            elif name == "values":
+                with torch.no_grad():
+                    critic(*args, prompt_width=width, pack=pack)
+            elif name == "policy_grad":
+                with training_attention(policy):
+                    logits = response_logits(policy, *args, prompt_width=width, pack=pack)
+                    (response_logprobs(logits, b.take(r.responses)) * b.take(r.mask)).sum().backward()
+            else:
+                with training_attention(critic):
+                    values = critic(*args, prompt_width=width, pack=pack).values
+                    ((values - 1.0) ** 2 * b.take(r.mask)).sum().backward()
     for model in (policy, critic):
         model.zero_grad(set_to_none=True)
 
 
-def fed_tokens(batches: list, share: bool) -> tuple[int, int]:
-    """``(prompt, other)`` tokens the model is fed over ``batches`` (padding included, as the passes compute it)."""
+def fed_tokens(batches: list, variant: str) -> tuple[int, int]:
+    """``(prompt, other)`` tokens the model is fed over ``batches`` (padding included, as the passes compute it;
+    packed: the packs' prompt tokens and the rest, padding of the shorter packs included)."""
+    from vrpo_pl.packing import pack_rows
     from vrpo_pl.prefix import find_shared_prompts
 
     prompt = other = 0
-    for b in batches:
-        shared = find_shared_prompts(b.sequences, b.attention_mask, b.prompt_width) if share else None
-        if shared is None:
-            prompt, other = prompt + b.sequences.shape[0] * b.prompt_width, other + b.sequences.shape[0] * b.width
-        else:
-            prompt += len(shared.rows) * shared.split
-            other += b.sequences.shape[0] * (b.sequences.shape[1] - 1 - shared.split)
+    with variant_settings(variant) as (share, pack):
+        for b in batches:
+            if pack:
+                packed = pack_rows(b.sequences, b.attention_mask, b.position_ids, b.width)
+                in_prompt = int(((packed.groups >= 0) & (packed.owners < 0)).sum())
+                prompt, other = prompt + in_prompt, other + packed.input_ids.numel() - in_prompt
+                continue
+            shared = find_shared_prompts(b.sequences, b.attention_mask, b.prompt_width) if share else None
+            if shared is None:
+                prompt, other = prompt + b.sequences.shape[0] * b.prompt_width, other + b.sequences.shape[0] * b.width
+            else:
+                prompt += len(shared.rows) * shared.split
+                other += b.sequences.shape[0] * (b.sequences.shape[1] - 1 - shared.split)
     return prompt, other
 
 
-def measure(policy, critic, r, chunk: int, rounds: int) -> dict[str, dict[bool, list[float]]]:
-    """Seconds of each pass per round, sharing on and off alternately, after one warm-up round of each."""
-    times: dict[str, dict[bool, list[float]]] = {name: {True: [], False: []} for name in PASSES}
+def measure(policy, critic, r, chunk: int, rounds: int, names: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each pass per round and variant, the variants' order rotating, after one warm-up round."""
+    times: dict[str, dict[str, list[float]]] = {name: {v: [] for v in names} for name in PASSES}
     for name in PASSES:
         batches = micro_batches(r, chunk, update=name.endswith("_grad"))
         for round_ in range(rounds + 1):
-            for share in (True, False) if round_ % 2 == 0 else (False, True):
+            for variant in names[round_ % len(names):] + names[: round_ % len(names)]:
                 start = time.perf_counter()
-                run_pass(name, policy, critic, r, batches, share)
+                run_pass(name, policy, critic, r, batches, variant)
                 if round_ > 0:
-                    times[name][share].append(time.perf_counter() - start)
-        print(f"{name}: shared {times[name][True]}, plain {times[name][False]} s ({load_line()})", flush=True)
+                    times[name][variant].append(time.perf_counter() - start)
+        print(f"{name}: " + ", ".join(f"{v} {times[name][v]}" for v in names) + f" s ({load_line()})", flush=True)
     return times
 
 
 def report(times: dict, r, chunk: int, args: argparse.Namespace, header: str) -> str:
-    """A Markdown table: per pass, median seconds on and off, the speed-up, and the tokens fed."""
+    """A Markdown table: per pass and variant, median seconds, the speed-up over plain, and the tokens fed."""
     prompt_lengths = r.attention_mask[:, : r.prompt_width].sum(1).float()
     response_lengths = r.mask.sum(1)
     lines = [
-        f"# Shared prompt prefix: {'TinyLM' if args.tiny else 'SmolLM2-135M-Instruct'} + LoRA r=16, {args.dtype}",
+        f"# Passes plain, shared and packed: {'TinyLM' if args.tiny else 'SmolLM2-135M-Instruct'} + LoRA r=16, "
+        f"{args.dtype}",
         "",
         f"- {header}",
         f"- {args.prompts} prompts x {args.samples} samples, {args.new_tokens} new tokens; prompts "
@@ -175,15 +209,15 @@ def report(times: dict, r, chunk: int, args: argparse.Namespace, header: str) ->
         f"{response_lengths.mean():.1f} (longest {r.responses.shape[1]}); micro-batches of {chunk} rows; median of "
         f"{args.rounds} alternating rounds",
         "",
-        "| pass | shared (s) | plain (s) | speed-up | prompt + other tokens fed, shared | plain |",
-        "|---|---|---|---|---|---|",
+        "| pass | variant | seconds | speed-up over plain | prompt + other tokens fed |",
+        "|---|---|---|---|---|",
     ]
     for name in PASSES:
-        on, off = (statistics.median(times[name][s]) for s in (True, False))
         batches = micro_batches(r, chunk, update=name.endswith("_grad"))
-        fed_on, fed_off = fed_tokens(batches, True), fed_tokens(batches, False)
-        lines.append(f"| {name} | {on:.3f} | {off:.3f} | {off / on:.2f}x | {fed_on[0]} + {fed_on[1]} | "
-                     f"{fed_off[0]} + {fed_off[1]} |")
+        plain = statistics.median(times[name]["plain"])
+        for variant, seconds in times[name].items():
+            median, fed = statistics.median(seconds), fed_tokens(batches, variant)
+            lines.append(f"| {name} | {variant} | {median:.3f} | {plain / median:.2f}x | {fed[0]} + {fed[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -196,6 +230,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=8, help="rows per micro-batch (the base workload's mini-batch)")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds of each setting (after one warm-up)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--pack-tokens", type=int, nargs="*", default=None, metavar="N",
+                   help="pack sizes of the packed variants (default: vrpo_pl.packing.PACK_TOKENS; none: no packed "
+                        "variant)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
     return p.parse_args(argv)
@@ -210,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     _, policy, critic, r = build(args)
     print(f"timing on {machine_line()}; at start: {start}", flush=True)
-    times = measure(policy, critic, r, args.chunk, args.rounds)
+    from vrpo_pl.packing import PACK_TOKENS
+
+    names = variants([PACK_TOKENS] if args.pack_tokens is None else args.pack_tokens)
+    times = measure(policy, critic, r, args.chunk, args.rounds, names)
     text = report(times, r, args.chunk, args, f"{machine_line()}; at start (before this process): {start}; after "
                   f"timing (with its own threads): {load_line()}")
     print(text)

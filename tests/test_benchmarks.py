@@ -104,18 +104,23 @@ def test_robustness_variants_join_the_ablations(benchmarks, capsys, tmp_path):
 
 
 def test_prefix_passes_tiny_reports_every_pass(benchmarks, tmp_path, single_thread):
-    """The shared-prompt microbenchmark times each pass on and off and counts the tokens fed: with 4 samples per
-    prompt the shared passes feed fewer prompt tokens and the same response tokens."""
+    """The pass microbenchmark times each pass plain, shared and packed (two pack sizes) and counts the tokens fed:
+    with 4 samples per prompt the shared passes feed fewer prompt tokens and the same others, the packed ones (in
+    one pack) the shared prompts and fewer others (no padding)."""
     out = tmp_path / "prefix.md"
     assert benchmarks["prefix_passes"].main(["--tiny", "--rounds", "1", "--prompts", "2", "--new-tokens", "4",
-                                             "--chunk", "4", "--out", str(out)]) == 0
+                                             "--chunk", "4", "--pack-tokens", "512", "8", "--out", str(out)]) == 0
     text = out.read_text()
     assert "load average" in text and "/work/scratch/BUSY" in text
     for name in ("reference", "values", "policy_grad", "critic_grad"):
-        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        (shared_prompt, shared_other), (plain_prompt, plain_other) = (map(int, c.split(" + ")) for c in cells[4:6])
-        assert shared_prompt < plain_prompt and shared_other == plain_other, row
+        fed = {}
+        for variant in ("plain", "shared", "packed 512", "packed 8"):
+            row = next(line for line in text.splitlines() if line.startswith(f"| {name} | {variant} |"))
+            fed[variant] = tuple(map(int, row.strip("|").split("|")[4].split(" + ")))
+        assert fed["shared"][0] < fed["plain"][0] and fed["shared"][1] == fed["plain"][1], fed
+        # Packs hold no padding: fewer other tokens than the shared pass, whose responses are padded to the longest.
+        assert fed["packed 512"][0] < fed["plain"][0] and fed["packed 512"][1] < fed["shared"][1], fed
+        assert sum(fed["packed 8"]) >= sum(fed["packed 512"]), fed  # small packs: prompts repeated, packs padded
 
 
 @pytest.mark.slow

@@ -408,8 +408,9 @@ def test_score_rollout_packed_fills_the_plain_fields(models):
 
 
 def test_packing_only_where_the_mask_is_honoured(models, monkeypatch):
-    """Packed only for a causal decoder whose attention takes the 4D mask as is, without a sliding window narrower
-    than the rows, over left-padded prompts followed by right-padded responses; else the other passes."""
+    """Packed only over rows of at most PACK_MAX_TOKENS real tokens, for a causal decoder whose attention takes the
+    4D mask as is, without a sliding window narrower than the rows, over left-padded prompts followed by
+    right-padded responses; else the other passes."""
     from transformers import BertConfig, BertModel
 
     from vrpo_pl.packing import packable, rows_are_packable
@@ -422,6 +423,10 @@ def test_packing_only_where_the_mask_is_honoured(models, monkeypatch):
     holed[0, r.prompt_width + 1] = 0  # a response that resumes after padding
     assert not rows_are_packable(holed, num) and not packable(policy, holed, num)
     assert not rows_are_packable(r.attention_mask, r.sequences.shape[1])  # no prompt column
+    monkeypatch.setattr("vrpo_pl.packing.PACK_MAX_TOKENS", int(r.attention_mask.sum()) - 1)
+    assert not packable(policy, r.attention_mask, num)  # wide rows: the shared pass
+    monkeypatch.setattr("vrpo_pl.packing.PACK_MAX_TOKENS", int(r.attention_mask.sum()))
+    assert packable(policy, r.attention_mask, num)
     config = policy.config
     monkeypatch.setattr(config, "_attn_implementation", "flash_attention_2")
     assert not packable(policy, r.attention_mask, num)

@@ -15,8 +15,8 @@ layers run once over the real tokens, in one call. The outputs at the positions 
 prompt's last token for token 0, then the row's own tokens) are gathered back into (B, A, ...), zeros at padding.
 
 Measured on 2 Xeon cores (docs/performance.md, "Packed rows"): the update's policy and critic passes over
-throughput.py's micro-batches of 8 rows 0.68-0.75x the time of the shared passes; the rollout's wide no-gradient
-passes about the same time either way (:data:`PACK_TOKENS`).
+throughput.py's micro-batches of 8 rows 0.68-0.75x the time of the shared passes; over wide rows packing does not
+pay, so a pass over more than :data:`PACK_MAX_TOKENS` real tokens takes the shared or plain pass.
 
 Packs hold whole prompt groups, merged while they fit in :data:`PACK_TOKENS` tokens (a longer group is cut into
 packs of its own, each with the prompt); the K packs are right-padded to the longest and run as one call. A pack's attention is dense (N x N per head, most of it
@@ -43,6 +43,14 @@ of 8 rows (2 groups of about 120-150 tokens), policy and critic forward + backwa
 to 256 tokens (both groups in one), 4.09 and 4.96 s with 512, 4.63 and 5.25 s with 128 (a pack per group), 5.83 and
 6.22 s shared without packing; the no-gradient passes over all 32 rows 2.05-2.47 s whatever the packs (2.05-2.33 s
 unpacked), and 2.6-3.0 s in packs of up to 1024-2048 tokens."""
+
+PACK_MAX_TOKENS = 1024
+"""A pass over rows holding more real tokens than this (prompts counted per row) takes the shared or plain pass.
+Packing pays where the shared pass's two calls are narrow (a few hundred tokens, where a CPU's matrix products run
+far below their peak); over wide rows the products are near their peak already and the packs' dense attention (N
+columns per token instead of the row's T) costs time and memory. On 2 Xeon cores: micro-batches of 8 rows (about
+530-620 tokens) 0.68-0.75x the time packed; one of 32 rows (about 2,100 tokens, the peer A/B's GRPO update) 1.09x
+the time and 0.86 GiB more peak memory packed, the rollout's no-gradient passes over 32 rows no faster."""
 
 _MASKED_ATTENTION = ("eager", "sdpa", "vrpo_compiled_eager")
 
@@ -200,10 +208,11 @@ def pack_rows(sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, n
 
 
 def packable(model: nn.Module, attention_mask: Tensor, num_response: int) -> bool:
-    """Whether a packed pass of ``model`` over these rows computes what the plain pass does: a causal decoder
-    (:func:`vrpo_pl.prefix.supports_shared_prefix`) whose attention takes a 4D mask as is (eager, sdpa), without
-    ALiBi or a sliding window narrower than the rows, over rows laid out as :func:`rows_are_packable` wants."""
-    if not supports_shared_prefix(model):
+    """Whether a packed pass of ``model`` over these rows pays and computes what the plain pass does: at most
+    :data:`PACK_MAX_TOKENS` real tokens, a causal decoder (:func:`vrpo_pl.prefix.supports_shared_prefix`) whose
+    attention takes a 4D mask as is (eager, sdpa), without ALiBi or a sliding window narrower than the rows, over
+    rows laid out as :func:`rows_are_packable` wants."""
+    if int(attention_mask.sum()) > PACK_MAX_TOKENS or not supports_shared_prefix(model):
         return False
     config = _text_config(model)
     window = getattr(config, "sliding_window", None)

@@ -65,9 +65,10 @@ class PPOSettings:
     once with share_prompt_prefix, every response without its padding) in one call under a block attention mask
     (:mod:`vrpo_pl.packing`; our choice, verl's and OpenRLHF's "remove padding" with the prompt shared). Equal to
     the plain passes up to float rounding; a model whose attention cannot take the mask (flash attention, ALiBi, a
-    narrower sliding window) takes the shared or plain pass. On 2 Xeon cores the update's policy and critic passes
-    over throughput.py's micro-batches of 8 rows took 0.68-0.75x the time of the shared ones, the rollout's
-    no-gradient passes about the same (docs/performance.md, "Packed rows"). False: the shared or plain pass."""
+    narrower sliding window) takes the shared or plain pass, and so does a pass over more real tokens than
+    ``vrpo_pl.packing.PACK_MAX_TOKENS`` (1,024), where packing does not pay. On 2 Xeon cores the update's policy and
+    critic passes over throughput.py's micro-batches of 8 rows took 0.68-0.75x the time of the shared ones
+    (docs/performance.md, "Packed rows"). False: the shared or plain pass."""
     clip_eps: float = 0.2
     """Policy ratio clip range epsilon (Schulman et al. 2017)."""
     value_clip: float | None = 0.2
