@@ -19,11 +19,11 @@ throughput.py's micro-batches of 8 rows 0.68-0.75x the time of the shared passes
 pay, so a pass over more than :data:`PACK_MAX_TOKENS` real tokens takes the shared or plain pass.
 
 Packs hold whole prompt groups, merged while they fit in :data:`PACK_TOKENS` tokens (a longer group is cut into
-packs of its own, each with the prompt); the K packs are right-padded to the longest and run as one call. A pack's attention is dense (N x N per head, most of it
-masked), which is why packs stay short. Packing needs eager or sdpa attention (the 4D mask is passed through as
-is), a causal decoder with position ids (no ALiBi, no sliding window narrower than the rows), and rows laid out as
-above; any other pass takes the shared or plain one (:func:`packable`). Shapes: B rows, T = P + A columns, U
-distinct prompts, K packs of N tokens, n response tokens.
+packs of its own, each with the prompt); the K packs are right-padded to the longest and run as one call. A pack's
+attention is dense (N x N per head, most of it masked), which is why packs stay short. Packing needs eager or sdpa
+attention (the 4D mask is passed through as is), a causal decoder with position ids (no ALiBi, no sliding window
+narrower than the rows), and rows laid out as above; any other pass takes the shared or plain one
+(:func:`packable`). Shapes: B rows, T = P + A columns, U distinct prompts, K packs of N tokens, n response tokens.
 """
 
 from __future__ import annotations
