@@ -173,14 +173,19 @@ def test_shared_pass_gives_the_plain_lora_gradients(models, samples):
     assert all(params)
     for rows in _rows_cases(r, samples):
         b = micro_batch(r, rows)
-        shared = _losses(policy, critic, b, r, b.prompt_width)
-        plain = _losses(policy, critic, b, r, None)
-        for loss_shared, loss_plain, tensors in zip(shared, plain, params, strict=True):
-            assert_close(loss_shared, loss_plain, **TOL)
-            for g_shared, g_plain in zip(torch.autograd.grad(loss_shared, tensors),
-                                         torch.autograd.grad(loss_plain, tensors), strict=True):
-                assert g_plain.abs().max() > 0
-                assert_close(g_shared, g_plain, rtol=1e-5, atol=1e-5 * float(g_plain.abs().max()))
+        _assert_same_losses_and_gradients(_losses(policy, critic, b, r, b.prompt_width),
+                                          _losses(policy, critic, b, r, None), params)
+
+
+def _assert_same_losses_and_gradients(losses, plain_losses, params) -> None:
+    """Each loss and its gradients on its model's LoRA matrices equal the plain pass's (a gradient that is zero
+    everywhere would prove nothing)."""
+    for loss, loss_plain, tensors in zip(losses, plain_losses, params, strict=True):
+        assert_close(loss, loss_plain, **TOL)
+        for grad, grad_plain in zip(torch.autograd.grad(loss, tensors), torch.autograd.grad(loss_plain, tensors),
+                                    strict=True):
+            assert grad_plain.abs().max() > 0
+            assert_close(grad, grad_plain, rtol=1e-5, atol=1e-5 * float(grad_plain.abs().max()))
 
 
 def test_score_rollout_with_shared_prompts_fills_the_plain_fields(models):
@@ -384,14 +389,9 @@ def test_packed_pass_gives_the_plain_lora_gradients(models, share, monkeypatch):
         monkeypatch.setattr(vrpo_pl.packing, "PACK_TOKENS", pack_tokens)
         for rows in _rows_cases(r, 2):
             b = micro_batch(r, rows)
-            packed = _losses(policy, critic, b, r, b.prompt_width if share else None, pack=True)
-            plain = _losses(policy, critic, b, r, None)
-            for loss_packed, loss_plain, tensors in zip(packed, plain, params, strict=True):
-                assert_close(loss_packed, loss_plain, **TOL)
-                for g_packed, g_plain in zip(torch.autograd.grad(loss_packed, tensors),
-                                             torch.autograd.grad(loss_plain, tensors), strict=True):
-                    assert g_plain.abs().max() > 0
-                    assert_close(g_packed, g_plain, rtol=1e-5, atol=1e-5 * float(g_plain.abs().max()))
+            _assert_same_losses_and_gradients(
+                _losses(policy, critic, b, r, b.prompt_width if share else None, pack=True),
+                _losses(policy, critic, b, r, None), params)
 
 
 def test_score_rollout_packed_fills_the_plain_fields(models):
