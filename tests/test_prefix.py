@@ -115,12 +115,23 @@ def test_only_causal_decoders_share_prompts(models):
     assert not supports_shared_prefix(bert)  # bidirectional: the prompt's states depend on the response
 
 
+@pytest.mark.parametrize(("share", "pack_tokens"), [
+    (True, None),  # shared, not packed
+    (True, 512), (False, 512),  # packed, one pack
+    (True, 12), (False, 12),  # packed, several packs (groups cut, the shorter packs padded)
+])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("samples", [1, 2, 4])
-def test_shared_logits_and_values_equal_the_plain_pass(models, samples, attention, monkeypatch):
-    """Micro-batches (trimmed as the update trims them) of the whole batch and of a shuffled half: logits at the
-    response positions, critic values, VIB means and auxiliary outputs equal the plain pass's."""
+def test_shared_and_packed_passes_equal_the_plain_pass(models, samples, attention, share, pack_tokens, monkeypatch):
+    """Micro-batches (trimmed as the update trims them) of the whole batch and of a shuffled half, shared and/or
+    packed: logits at the response positions, critic values, VIB means and auxiliary outputs equal the plain
+    pass's; packed, the positions past a response's end hold zero logits."""
+    import vrpo_pl.packing
+
     tokenizer, policy, critic = models
+    pack = pack_tokens is not None
+    if pack:
+        monkeypatch.setattr(vrpo_pl.packing, "PACK_TOKENS", pack_tokens)
     for model in (policy, critic.backbone):
         monkeypatch.setattr(model.config, "_attn_implementation", attention)
     r = _rollout(tokenizer, samples)
@@ -128,12 +139,15 @@ def test_shared_logits_and_values_equal_the_plain_pass(models, samples, attentio
         for rows in _rows_cases(r, samples):
             b = micro_batch(r, rows)
             args = (b.sequences, b.attention_mask, b.position_ids, b.width)
+            width = b.prompt_width if share else None
             valid = b.take(r.mask).bool()
-            assert_close(response_logits(policy, *args, prompt_width=b.prompt_width)[valid],
-                         response_logits(policy, *args)[valid], **TOL)
-            shared, plain = critic(*args, prompt_width=b.prompt_width), critic(*args)
+            logits = response_logits(policy, *args, prompt_width=width, pack=pack)
+            assert_close(logits[valid], response_logits(policy, *args)[valid], **TOL)
+            if pack:
+                assert not logits[~valid].any()
+            out, plain = critic(*args, prompt_width=width, pack=pack), critic(*args)
             for name in ("values", "mu", "logvar", "aux"):
-                assert_close(getattr(shared, name)[valid], getattr(plain, name)[valid], **TOL, msg=name)
+                assert_close(getattr(out, name)[valid], getattr(plain, name)[valid], **TOL, msg=name)
 
 
 @pytest.mark.parametrize("samples", [2, 4])
@@ -327,34 +341,6 @@ def test_loop_sampler_prefilling_each_prompt_once_draws_the_same_tokens(models, 
 
 
 # Packed passes (vrpo_pl.packing): the rows' real tokens end to end in one call under a block mask.
-
-
-@pytest.mark.parametrize("pack_tokens", [512, 12])  # one pack; a pack per prompt group (the shorter ones padded)
-@pytest.mark.parametrize("share", [True, False])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("samples", [1, 2, 4])
-def test_packed_logits_and_values_equal_the_plain_pass(models, samples, attention, share, pack_tokens, monkeypatch):
-    """Micro-batches of the whole batch and of a shuffled half: logits at the response positions, critic values,
-    VIB means and auxiliary outputs equal the plain pass's; positions past a response's end hold zero logits."""
-    import vrpo_pl.packing
-
-    tokenizer, policy, critic = models
-    monkeypatch.setattr(vrpo_pl.packing, "PACK_TOKENS", pack_tokens)
-    for model in (policy, critic.backbone):
-        monkeypatch.setattr(model.config, "_attn_implementation", attention)
-    r = _rollout(tokenizer, samples)
-    with torch.no_grad():
-        for rows in _rows_cases(r, samples):
-            b = micro_batch(r, rows)
-            args = (b.sequences, b.attention_mask, b.position_ids, b.width)
-            width = b.prompt_width if share else None
-            valid = b.take(r.mask).bool()
-            packed = response_logits(policy, *args, prompt_width=width, pack=True)
-            assert_close(packed[valid], response_logits(policy, *args)[valid], **TOL)
-            assert not packed[~valid].any()
-            out, plain = critic(*args, prompt_width=width, pack=True), critic(*args)
-            for name in ("values", "mu", "logvar", "aux"):
-                assert_close(getattr(out, name)[valid], getattr(plain, name)[valid], **TOL, msg=name)
 
 
 @pytest.mark.parametrize("share", [True, False])

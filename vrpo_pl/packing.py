@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vrpo_pl.compile import COMPILED_EAGER_ATTENTION
 from vrpo_pl.prefix import _text_config, distinct_prompts, supports_shared_prefix
 
 PACK_TOKENS = 256
@@ -52,7 +53,7 @@ columns per token instead of the row's T) costs time and memory. On 2 Xeon cores
 530-620 tokens) 0.68-0.75x the time packed; one of 32 rows (about 2,100 tokens, the peer A/B's GRPO update) 1.09x
 the time and 0.86 GiB more peak memory packed, the rollout's no-gradient passes over 32 rows no faster."""
 
-_MASKED_ATTENTION = ("eager", "sdpa", "vrpo_compiled_eager")
+_MASKED_ATTENTION = ("eager", "sdpa", COMPILED_EAGER_ATTENTION)
 
 
 @dataclass(frozen=True)

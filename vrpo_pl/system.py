@@ -346,8 +346,7 @@ class RLSystem(pl.LightningModule):
         chunk = rows_per_forward(rollout.size, rollout.sequences.shape[1], budget,
                                  default=p.micro_batch_size or p.mini_batch_size)
         score_rollout(rollout, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
-                      chunk=chunk, guide=guide, share_prefix=self.shares_prompts,
-                      pack=self.ppo.pack_rows)
+                      chunk=chunk, guide=guide, share_prefix=self.shares_prompts, pack=p.pack_rows)
         if rollout.guide_raw is not None:
             targets = self.guide_callback.finalize(rollout.guide_raw, rollout.mask)
             rollout.guide_targets, rollout.key = targets.standardized, targets.key
@@ -374,8 +373,8 @@ class RLSystem(pl.LightningModule):
         update = PPOUpdate(
             self.policy, self.critic, [o.optimizer for o in optimizers], self.ppo, self.optim, self.kl,
             self.critic_settings, temperature=self.generation.temperature, kl_coef=self.kl_coef,
-            rollouts=self.rollouts, shares_prompts=self.shares_prompts,
-            packs_rows=self.ppo.pack_rows, shuffle_gen=self._shuffle_gen,
+            rollouts=self.rollouts, shares_prompts=self.shares_prompts, packs_rows=self.ppo.pack_rows,
+            shuffle_gen=self._shuffle_gen,
             vib_gen=self._vib_generator() if vib else None, nonfinite_in_row=self._nonfinite_in_row,
             wrapped_model=self.trainer.model, world_size=self.trainer.world_size, device=self.device,
             backward=self.manual_backward, timer=self.timer, warn=self.print)
@@ -404,8 +403,7 @@ class RLSystem(pl.LightningModule):
         r, gold, _ = self._greedy(batch, "the key-token view's validation prompts")
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else reference_guide
         score_rollout(r, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
-                      chunk=r.size, guide=guide, share_prefix=self.shares_prompts,
-                      pack=self.ppo.pack_rows)
+                      chunk=r.size, guide=guide, share_prefix=self.shares_prompts, pack=self.ppo.pack_rows)
         return validation.token_view(r, gold, batch["prompt"], self.tokenizer, kl_estimator=self.kl.estimator,
                                      kl_coef=self.kl_coef, gamma=self.ppo.gamma, lam=self.ppo.lam)
 
