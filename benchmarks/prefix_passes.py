@@ -132,7 +132,7 @@ def run_pass(name: str, policy, critic, r, batches: list, variant: str) -> None:
     import torch
 
     from vrpo_pl.models import training_attention
-    from vrpo_pl.rollout import response_logits, response_logprobs
+    from vrpo_pl.rollout import response_logprobs, response_token_logits
 
     with variant_settings(variant) as (share, pack):
         for b in batches:
@@ -140,14 +140,14 @@ def run_pass(name: str, policy, critic, r, batches: list, variant: str) -> None:
             args = (b.sequences, b.attention_mask, b.position_ids, b.width)
             if name == "reference":
                 with torch.no_grad(), policy.disable_adapter():
-                    response_logprobs(response_logits(policy, *args, prompt_width=width, pack=pack),
+                    response_logprobs(response_token_logits(policy, *args, prompt_width=width, pack=pack),
                                       b.take(r.responses))
             elif name == "values":
                 with torch.no_grad():
                     critic(*args, prompt_width=width, pack=pack)
             elif name == "policy_grad":
                 with training_attention(policy):
-                    logits = response_logits(policy, *args, prompt_width=width, pack=pack)
+                    logits = response_token_logits(policy, *args, prompt_width=width, pack=pack)
                     (response_logprobs(logits, b.take(r.responses)) * b.take(r.mask)).sum().backward()
             else:
                 with training_attention(critic):

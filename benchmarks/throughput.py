@@ -10,7 +10,8 @@ For each algorithm, in one process, the real system is built by ``VRPOCLI(..., r
 ``trainer.fit`` for 1 warm-up + ``--iters`` rollout batches. Phases come from the system's own timer
 (``RLSystem.phase_seconds``, also logged as ``perf/*``), read by a callback after each rollout batch: generation;
 frozen passes = rollout minus generation (old log-probs, reference, guide targets, critic values); scoring; policy
-update; critic update; other = the rest of the iteration (advantages, metrics, Lightning's loop, data). An
+update; critic update; fused update (both models' steps from fused passes, ``--model.ppo.fuse_update``); other =
+the rest of the iteration (advantages, metrics, Lightning's loop, data). An
 iteration is the time between consecutive ``on_train_batch_end`` calls.
 
 The lower bound replays each measured rollout batch without the framework: the system's sampler called bare on the
@@ -24,7 +25,9 @@ medians over the measured iterations, ratio = full iteration / lower bound (goal
 ``--share-prompt-prefix`` (on by default, as in the system) the lower bound's frozen and update passes share each
 slice's prompts as the system's do, and so does its sampler's prefill. ``--no-share-prompt-prefix`` measures the
 plain passes (``benchmarks/prefix_passes.py``: pass by pass). ``--pack-rows`` (on by default, as in the system:
-``--model.ppo.pack_rows``) makes those passes packed calls over the real tokens, the lower bound's too.
+``--model.ppo.pack_rows``) makes those passes packed calls over the real tokens, the lower bound's too;
+``--fuse-update`` (on by default: ``--model.ppo.fuse_update``) runs each micro-batch's policy and critic passes as one
+call where the system does, timed as the "fused update" phase (both models' optimizer steps), the lower bound's too.
 
 The compute bound is what the machine's matrix units need for the step's arithmetic: FLOPs counted from the
 token counts of each pass (:func:`step_flops`: 2 x the body's parameters per token of every forward pass, 2 x more
@@ -78,7 +81,7 @@ SIZES = {  # prompts, samples per prompt, new tokens, mini-batch
     "tiny": (4, 2, 8, 4),
 }
 LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-PHASES = ["generation", "frozen", "score", "update_policy", "update_critic"]
+PHASES = ["generation", "frozen", "score", "update_policy", "update_critic", "update_fused"]
 
 
 def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> list[str]:
@@ -112,7 +115,8 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
            "--model.dtype", args.dtype, "--model.generation.backend", backend,
            "--model.ppo.share_prompt_prefix", str(args.share_prompt_prefix).lower(),
            "--model.generation.share_prompt_prefill", str(args.share_prompt_prefix).lower(),
-           "--model.ppo.pack_rows", str(args.pack_rows).lower()]
+           "--model.ppo.pack_rows", str(args.pack_rows).lower(),
+           "--model.ppo.fuse_update", str(args.fuse_update).lower()]
     if args.tiny:
         out += ["--data.source.init_args.path", str(REPO_ROOT / "configs" / "data" / "arithmetic.jsonl")]
     if args.tiny and "vllm" in args.backends:  # vLLM's CPU attention needs head_dim 64, not TinyLM's default 16
@@ -273,9 +277,10 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     """The measured rollout batch ``cap`` replayed as bare model calls, back to back; seconds per phase."""
     import torch
 
+    from vrpo_pl.fused import adapter_pairs, fusable, fused_passes
     from vrpo_pl.models import training_attention
     from vrpo_pl.rewards.base import Completion
-    from vrpo_pl.rollout import micro_batch, response_logits, response_logprobs, rows_per_forward
+    from vrpo_pl.rollout import micro_batch, response_logprobs, response_token_logits, rows_per_forward
 
     policy, critic, r, g = system.policy, system.critic, cap["rollout"], system.generation
     size, num = r.responses.shape
@@ -286,8 +291,8 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     pack = p.pack_rows  # and its packed ones
 
     def logp(model, sl):
-        logits = response_logits(model, r.sequences[sl], r.attention_mask[sl], r.position_ids[sl], num,
-                                 prompt_width=width, pack=pack)
+        logits = response_token_logits(model, r.sequences[sl], r.attention_mask[sl], r.position_ids[sl], num,
+                                       prompt_width=width, pack=pack)
         return response_logprobs(logits, r.responses[sl], g.temperature)  # the system's chunked float32 log-probs
 
     def critic_values(sl, sample=False):
@@ -341,6 +346,32 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
     micro = p.micro_batch_size or p.mini_batch_size
     critic_epochs = p.critic_epochs or p.epochs  # the critic's passes, as the system's update makes them
     share = width is not None
+    vib = bool(system.critic_settings.vib)
+    # The system's fused policy + critic passes (--model.ppo.fuse_update), where it makes them.
+    pairs = adapter_pairs(policy, critic) if p.fuse_update and pack and critic is not None else None
+
+    def policy_term(b, logits, tokens):
+        ratio = torch.exp(response_logprobs(logits, b.take(r.responses), g.temperature) - b.take(r.logp))
+        adv = b.take(r.advantages)
+        surrogate = torch.min(ratio * adv, ratio.clamp(1 - p.clip_eps, 1 + p.clip_eps) * adv)
+        return -(surrogate * b.take(r.mask)).sum() / tokens
+
+    def critic_term(b, values, tokens):
+        return ((values - b.take(r.returns)) ** 2 * b.take(r.mask)).sum() / tokens
+
+    def policy_logits(b):
+        return response_token_logits(policy, b.sequences, b.attention_mask, b.position_ids, b.width,
+                                     prompt_width=b.prompt_width if share else None, pack=pack)
+
+    def values(b):
+        return critic(b.sequences, b.attention_mask, b.position_ids, b.width, sample=vib,
+                      prompt_width=b.prompt_width if share else None, pack=pack).values
+
+    def step(i, model):
+        torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
+        optimizers[i].step()
+        optimizers[i].zero_grad(set_to_none=True)
+
     with training_attention(policy, critic):  # the update's attention, as the system's (eager on CPU in bf16)
         for epoch in range(max(p.epochs, critic_epochs if critic is not None else 0)):
             for start in range(0, size, p.mini_batch_size):
@@ -349,32 +380,30 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
                 micro_batches = [micro_batch(r, torch.arange(s, s + micro, device=r.mask.device))
                                  for s in range(start, start + p.mini_batch_size, micro)]
                 tokens = r.mask[start : start + p.mini_batch_size].sum()
-                if epoch < p.epochs:
+                train_policy, train_critic = epoch < p.epochs, critic is not None and epoch < critic_epochs
+                if train_policy and train_critic and pairs is not None:
+                    with timed("update_fused"):
+                        for b in micro_batches:
+                            if fusable(policy, pairs, b.attention_mask, b.width):
+                                logits, out = fused_passes(policy, critic, pairs, b.sequences, b.attention_mask,
+                                                           b.position_ids, b.width, share_prompts=share, sample=vib)
+                                (policy_term(b, logits, tokens) + critic_term(b, out.values, tokens)).backward()
+                            else:
+                                policy_term(b, policy_logits(b), tokens).backward()
+                                critic_term(b, values(b), tokens).backward()
+                        step(0, policy)
+                        step(1, critic)
+                    continue
+                if train_policy:
                     with timed("update_policy"):
                         for b in micro_batches:
-                            logits = response_logits(policy, b.sequences, b.attention_mask, b.position_ids, b.width,
-                                                     prompt_width=b.prompt_width if share else None, pack=pack)
-                            ratio = torch.exp(response_logprobs(logits, b.take(r.responses), g.temperature)
-                                              - b.take(r.logp))
-                            adv = b.take(r.advantages)
-                            surrogate = torch.min(ratio * adv, ratio.clamp(1 - p.clip_eps, 1 + p.clip_eps) * adv)
-                            (-(surrogate * b.take(r.mask)).sum() / tokens).backward()
-                        params = [q for q in policy.parameters() if q.requires_grad]
-                        torch.nn.utils.clip_grad_norm_(params, 1.0)
-                        optimizers[0].step()
-                        optimizers[0].zero_grad(set_to_none=True)
-                if critic is None or epoch >= critic_epochs:
-                    continue
-                with timed("update_critic"):
-                    for b in micro_batches:
-                        v = critic(b.sequences, b.attention_mask, b.position_ids, b.width,
-                                   sample=bool(system.critic_settings.vib),
-                                   prompt_width=b.prompt_width if share else None, pack=pack).values
-                        (((v - b.take(r.returns)) ** 2 * b.take(r.mask)).sum() / tokens).backward()
-                    params = [q for q in critic.parameters() if q.requires_grad]
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizers[1].step()
-                    optimizers[1].zero_grad(set_to_none=True)
+                            policy_term(b, policy_logits(b), tokens).backward()
+                        step(0, policy)
+                if train_critic:
+                    with timed("update_critic"):
+                        for b in micro_batches:
+                            critic_term(b, values(b), tokens).backward()
+                        step(1, critic)
     return times
 
 
@@ -430,9 +459,9 @@ def measure(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> 
         record["framework"].append({
             "iteration": it["iteration"], "generation": it["generation"],
             "frozen": it["rollout"] - it["generation"], "score": it["score"],
-            "update_policy": it.get("update_policy", 0.0), "update_critic": it.get("update_critic", 0.0),
+            **{phase: it.get(phase, 0.0) for phase in ("update_policy", "update_critic", "update_fused")},
             "other": it["iteration"] - it["rollout"] - it["score"] - it.get("update_policy", 0.0)
-            - it.get("update_critic", 0.0)})
+            - it.get("update_critic", 0.0) - it.get("update_fused", 0.0)})
     record["flops"] = statistics.median(step_flops(system, cap["rollout"]) for cap in timer.captures[1:])
     record["dtype"] = str(system.model_dtype).removeprefix("torch.")
     del cli, system, trainer, timer
@@ -501,15 +530,16 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
              f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s. Weights: {', '.join(dtypes)}; the compute bound uses the bf16 peak "
              "for bf16 weights or bf16 precision, else fp32.", "",
              "| algorithm | s / rollout batch | generation | frozen passes | scoring | policy update | critic update "
-             "| other | lower bound | ratio | samples/s | tokens/s | gen tokens/s | peak memory | TFLOP "
+             "| fused update | other | lower bound | ratio | samples/s | tokens/s | gen tokens/s | peak memory | TFLOP "
              "| compute bound | x bound | warm-up s |",
-             "|---|" + "---:|" * 17]
+             "|---|" + "---:|" * 18]
     bound_lines = ["", "Lower bound (bare model calls, same shapes), seconds:", "",
-                   "| algorithm | generation | frozen passes | scoring | policy update | critic update | total |",
-                   "|---|" + "---:|" * 6]
+                   "| algorithm | generation | frozen passes | scoring | policy update | critic update | fused update "
+                   "| total |",
+                   "|---|" + "---:|" * 7]
     for rec in records:
         if "framework" not in rec:
-            lines.append(f"| {rec['algorithm']} (reference) |" + " |" * 12 + f" {_mb(rec['peak_bytes'])} | | | | |")
+            lines.append(f"| {rec['algorithm']} (reference) |" + " |" * 13 + f" {_mb(rec['peak_bytes'])} | | | | |")
             continue
         fw, lb = rec["framework"], rec["bound"]
         for row in lb:
@@ -581,7 +611,7 @@ def plot_report(report_path: Path, png_path: Path) -> None:
         if len(cells) < 6 or cells[0] in ("algorithm", "") or cells[0].startswith("---") or "reference" in cells[0]:
             continue
         try:
-            width = 8 if section == "framework" else 6  # total + 5 phases + other; 5 phases
+            width = 9 if section == "framework" else 7  # total + 6 phases + other; 6 phases
             values = [float(c.replace(",", "").split()[0]) for c in cells[1:width]]
         except (ValueError, IndexError):
             continue
@@ -649,6 +679,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "bound's frozen and update passes follow it)")
     p.add_argument("--pack-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="--model.ppo.pack_rows (the lower bound's frozen and update passes follow it)")
+    p.add_argument("--fuse-update", action=argparse.BooleanOptionalAction, default=True,
+                   help="--model.ppo.fuse_update (the lower bound's update passes follow it)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure each row in a fresh process (exact peak RSS on the CPU)")
@@ -707,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
               "tokens (0: the mini-batch's rows), "
               f"tokens drawn by {args.draw or GenerationSettings().draw}, "
               f"shared prompt prefix {'on' if args.share_prompt_prefix else 'off'}, "
-              f"packed rows {'on' if args.pack_rows else 'off'}"
+              f"packed rows {'on' if args.pack_rows else 'off'}, "
+              f"fused update passes {'on' if args.fuse_update else 'off'}"
               f"\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
               f"batches after 1 warm-up. Command: `python benchmarks/throughput.py {' '.join(argv)}`")
     peaks = {name: matmul_peak(name, device="cuda" if args.accelerator in ("gpu", "cuda") else "cpu")

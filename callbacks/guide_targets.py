@@ -19,9 +19,10 @@ from torch import Tensor
 
 from vrpo_pl import distributed
 from vrpo_pl.advantages import RunningMoments
+from vrpo_pl.logprobs import TokenLogits
 from vrpo_pl.losses import key_token_mask
 from vrpo_pl.models import LMSource, contiguous_lm_head
-from vrpo_pl.rollout import guide_targets, response_logits
+from vrpo_pl.rollout import guide_targets, response_token_logits
 
 
 @dataclass
@@ -80,7 +81,7 @@ class FrozenLMTargets(pl.Callback):
     @torch.no_grad()
     def raw_targets(
         self, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, responses: Tensor,
-        reference_logits: Tensor,
+        reference_logits: TokenLogits,
     ) -> Tensor:
         """Entropy and surprisal of the guide for a slice of a rollout batch.
 
@@ -89,7 +90,8 @@ class FrozenLMTargets(pl.Callback):
             attention_mask: (B, T).
             position_ids: (B, T).
             responses: (B, A) response tokens.
-            reference_logits: (B, A, V) logits of the reference pass, used when the guide is the reference.
+            reference_logits: the reference pass's logits (:class:`~vrpo_pl.logprobs.TokenLogits`), used when the
+                guide is the reference.
 
         Returns:
             (B, A, 2) entropy and surprisal in nats.
@@ -97,7 +99,7 @@ class FrozenLMTargets(pl.Callback):
         if self.guide is None:
             logits = reference_logits
         else:
-            logits = response_logits(self.guide, sequences, attention_mask, position_ids, responses.shape[1])
+            logits = response_token_logits(self.guide, sequences, attention_mask, position_ids, responses.shape[1])
         return guide_targets(logits, responses)
 
     @torch.no_grad()

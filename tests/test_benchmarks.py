@@ -187,6 +187,11 @@ def test_throughput_tiny_reports_every_algorithm(benchmarks, tmp_path, single_th
     for row in ("| ppo |", "| grpo |", "| vrpo |", "| policy alone (reference) |"):
         assert row in text
     assert "lower bound" in text and "ratio" in text
+    header = next(line for line in text.splitlines() if line.startswith("| algorithm | s / rollout batch"))
+    fused = [c.strip() for c in header.split("|")].index("fused update")
+    for algorithm, fuses in (("ppo", True), ("grpo", False), ("vrpo", True)):  # LoRA policy and critic: fused passes
+        row = next(line for line in text.splitlines() if line.startswith(f"| {algorithm} |"))
+        assert (float(row.split("|")[fused]) > 0) == fuses, row
     png = out.with_suffix(".png")
     assert png.stat().st_size > 10_000, "the phase plot was not drawn"
     png.unlink()
@@ -388,13 +393,14 @@ def test_robustness_report_pools_the_noisy_cells(benchmarks):
 def test_throughput_names_the_systems_draw_and_passes(benchmarks):
     """The measured run draws tokens as the system's default does, not as configs/quickstart.yaml pins them (its
     documented run reproduces with multinomial draws), unless --draw says otherwise; --no-pack-rows reaches the
-    system."""
+    system, and so do --no-fuse-update."""
     from vrpo_pl.rollout import GenerationSettings
 
     throughput = benchmarks["throughput"]
     command = throughput.cli_args("ppo", throughput.parse_args([]))
     assert value(command, "--model.generation.draw") == GenerationSettings().draw == "cdf"
-    assert value(command, "--model.ppo.pack_rows") == "true"
-    command = throughput.cli_args("ppo", throughput.parse_args(["--draw", "multinomial", "--no-pack-rows"]))
+    assert value(command, "--model.ppo.pack_rows") == value(command, "--model.ppo.fuse_update") == "true"
+    command = throughput.cli_args("ppo", throughput.parse_args(["--draw", "multinomial", "--no-pack-rows",
+                                                                 "--no-fuse-update"]))
     assert value(command, "--model.generation.draw") == "multinomial"
-    assert value(command, "--model.ppo.pack_rows") == "false"
+    assert value(command, "--model.ppo.pack_rows") == value(command, "--model.ppo.fuse_update") == "false"

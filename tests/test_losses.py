@@ -699,3 +699,68 @@ def test_chunked_token_logprobs_match_the_full_log_softmax_and_its_gradient(dtyp
     assert chunked.grad.dtype == dtype
     assert_close(chunked.grad.float(), full.grad, atol=tol, rtol=tol)
     assert not entropy.requires_grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_over_chosen_rows_match_the_gathered_full_log_softmax(dtype, temperature, monkeypatch):
+    """With ``rows`` (forced to 3-token chunks): tokens read the rows they name (one row by several tokens, one row
+    by none); values and entropies equal the full log-softmax at those rows, the gradient reaches each row as the
+    sum of its tokens' and no other row."""
+    monkeypatch.setattr(logprobs, "_CHUNK_ELEMENTS", 3 * 13)
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(6, 13, generator=g) * 3).to(dtype)
+    rows = torch.tensor([4, 0, 0, 2, 0, 5, 1])  # row 0 read three times, row 3 never
+    tokens = torch.randint(0, 13, (7,), generator=g)
+    weights = torch.randn(7, generator=g)
+    chosen = logits.clone().requires_grad_(True)
+    logp, entropy = logprobs.token_logprobs_and_entropy(chosen, tokens, temperature, rows=rows)
+    (logp * weights).sum().backward()
+    full = logits.clone().float().requires_grad_(True)
+    lsm = torch.log_softmax(full / temperature, -1)[rows]
+    (lsm.gather(-1, tokens[:, None])[:, 0] * weights).sum().backward()
+    assert_close(logp, lsm.gather(-1, tokens[:, None])[:, 0].detach(), atol=1e-5, rtol=1e-5)
+    assert_close(entropy, Categorical(logits=full.detach()[rows] / temperature).entropy(), atol=1e-5, rtol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert_close(chosen.grad.float(), full.grad, atol=tol, rtol=tol)
+    assert not chosen.grad[3].any()
+    with pytest.raises(ValueError, match="rows"):
+        logprobs.token_logprobs_and_entropy(chosen, tokens[:, None], rows=rows)
+
+
+def test_token_logits_give_the_dense_logprobs_with_zeros_at_padding_and_reuse_a_normalization(monkeypatch):
+    """TokenLogits over a plain pass's (B, A, V) logits: log-probs and entropies equal the dense computation at
+    the response tokens and are 0 at padding; ``dense()`` is the pass's tensor; without gradient, the reference's
+    log-probs then the guide's entropy from the same logits normalize once; with gradient, every call computes."""
+    g = torch.Generator().manual_seed(5)
+    dense = torch.randn(2, 4, 11, generator=g)
+    valid = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    tokens = torch.randint(0, 11, (2, 4), generator=g)
+    token_logits = logprobs.TokenLogits.from_dense(dense, valid)
+    assert token_logits.dense() is dense
+    calls = []
+    original = logprobs.token_logprobs_and_entropy
+    monkeypatch.setattr(logprobs, "token_logprobs_and_entropy", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        logp, entropy = token_logits.token_stats(tokens, 1.0, with_entropy=True)
+        again, none = token_logits.token_stats(tokens, 1.0, with_entropy=False)
+        assert again is logp and none is None and len(calls) == 1
+        token_logits.token_stats(tokens, 0.5, with_entropy=False)  # another temperature: computed
+        assert len(calls) == 2
+    expected_logp, expected_entropy = original(dense, tokens)
+    assert_close(logp[valid], expected_logp[valid])
+    assert_close(entropy[valid], expected_entropy[valid])
+    assert not logp[~valid].any() and not entropy[~valid].any()
+    token_logits.token_stats(tokens, 1.0)
+    token_logits.token_stats(tokens, 1.0)
+    assert len(calls) == 4
+
+
+def test_spread_rows_fills_the_grid_and_adds_gradients_of_shared_rows():
+    """Position j of the valid mask takes outputs[rows[j]], padding 0; a row read twice gets both gradients."""
+    outputs = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    valid = torch.tensor([[True, False], [True, True]])
+    spread = logprobs.spread_rows(outputs, torch.tensor([1, 1, 0]), valid)
+    assert spread.tolist() == [[[3.0, 4.0], [0.0, 0.0]], [[3.0, 4.0], [1.0, 2.0]]]
+    spread.sum().backward()
+    assert outputs.grad.tolist() == [[1.0, 1.0], [2.0, 2.0]]

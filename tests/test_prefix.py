@@ -242,16 +242,16 @@ def test_micro_batches_by_prompt_keep_the_mini_batch(models):
     assert sorted(torch.cat(grouped).tolist()) == sorted(idx.tolist())
 
 
-@pytest.mark.parametrize("setting", ["share_prompt_prefix", "pack_rows"])
+@pytest.mark.parametrize("setting", ["share_prompt_prefix", "pack_rows", "fuse_update"])
 @pytest.mark.parametrize("extra", [
     [],  # tiny.yaml: full fine-tuning, VRPO, micro-batches of 2 in mini-batches of 4
     ["--model.lora", "{r: 4, alpha: 8}", "--model.critic_lora", "{r: 4, alpha: 8}", "--model.ppo.micro_batch_size",
      "4", "--model.generation.sampler_logprobs", "false"],
 ])
 def test_fit_with_shared_prompts_matches_fit_without(run_cli, read_events, tmp_path, extra, setting):
-    """One rollout batch of configs/tiny.yaml with ``--model.ppo.share_prompt_prefix`` or ``--model.ppo.pack_rows``
-    on and off: every logged loss and statistic of the first step is the same within float32 rounding (timings and
-    clip fractions aside).
+    """One rollout batch of configs/tiny.yaml with ``--model.ppo.share_prompt_prefix``, ``--model.ppo.pack_rows``
+    or ``--model.ppo.fuse_update`` on and off: every logged loss and statistic of the first step is the same within
+    float32 rounding (timings, whose phases differ with fused passes, and clip fractions aside).
 
     Without the auxiliary loss: the random tiny model's guide entropies all lie within ~1e-3 of log V, so their
     standardization multiplies float rounding (~1e-6) by ~1000 (measured), which no pass order can avoid.
@@ -264,8 +264,11 @@ def test_fit_with_shared_prompts_matches_fit_without(run_cli, read_events, tmp_p
         events = read_events(root)
         scalars[share] = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
     on, off = scalars["true"], scalars["false"]
-    assert on.keys() == off.keys() and {"loss/policy", "loss/value", "loss/vib_kl"} <= on.keys()
     exempt = ("perf/", "policy/clipfrac", "value/clipfrac")
+    assert {t for t in on if not t.startswith("perf/")} == {t for t in off if not t.startswith("perf/")}
+    assert {"loss/policy", "loss/value", "loss/vib_kl"} <= on.keys()
+    if setting == "fuse_update":  # fused where both models are LoRA on one base (extra), never with full fine-tuning
+        assert ("perf/update_fused_s" in on) == bool(extra) and "perf/update_fused_s" not in off
     differ = {tag: (on[tag], off[tag]) for tag in on
               if not tag.startswith(exempt) and on[tag] != pytest.approx(off[tag], rel=1e-4, abs=1e-6)}
     assert not differ, f"statistics that depend on --model.ppo.{setting}: {differ}"
@@ -426,3 +429,25 @@ def test_packing_only_where_the_mask_is_honoured(models, monkeypatch):
     assert not packable(bert, r.attention_mask, num)
     holed_logits = response_logits(policy, r.sequences, holed, r.position_ids, num, pack=True)
     assert_close(holed_logits, response_logits(policy, r.sequences, holed, r.position_ids, num))  # the plain pass
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_score_rollout_normalizes_the_reference_logits_once_for_its_guide(models, monkeypatch, temperature):
+    """With the reference as guide at temperature 1, the reference's log-probs and the guide's entropy and
+    surprisal come from one normalization of its logits (two per slice: the policy's and the reference's); at
+    another temperature the guide's untempered targets need a third. The fields are those of separate calls."""
+    import vrpo_pl.logprobs
+    from vrpo_pl.rollout import guide_targets, reference_guide
+
+    tokenizer, policy, critic = models
+    calls = []
+    original = vrpo_pl.logprobs.token_logprobs_and_entropy
+    monkeypatch.setattr(vrpo_pl.logprobs, "token_logprobs_and_entropy",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    r = _rollout(tokenizer, samples=2)
+    score_rollout(r, policy, None, None, temperature=temperature, chunk=64, guide=reference_guide, pack=True)
+    assert len(calls) == (2 if temperature == 1.0 else 3)
+    with policy.disable_adapter(), torch.no_grad():
+        logits = response_logits(policy, r.sequences, r.attention_mask, r.position_ids, r.responses.shape[1])
+    valid = r.mask.bool()
+    assert_close(r.guide_raw[valid], guide_targets(logits, r.responses)[valid], **TOL)

@@ -287,9 +287,9 @@ def test_critic_epochs_and_warmup_schedule_the_optimizer_steps(run_cli, tmp_path
     steps: list[tuple[int, str]] = []
     original = PPOUpdate.optimizer_step
 
-    def counted(self, name, *args, **kwargs):
-        steps.append((self.rollouts, name))
-        return original(self, name, *args, **kwargs)
+    def counted(self, names, *args, **kwargs):
+        steps.extend((self.rollouts, name) for name in names)  # fused passes step both models at once
+        return original(self, names, *args, **kwargs)
 
     with mock.patch.object(PPOUpdate, "optimizer_step", counted):
         cli.trainer.fit(model, datamodule=cli.datamodule)

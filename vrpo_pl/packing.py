@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from vrpo_pl.compile import COMPILED_EAGER_ATTENTION
+from vrpo_pl.logprobs import TokenLogits, spread_rows
 from vrpo_pl.prefix import _text_config, distinct_prompts, supports_shared_prefix
 
 PACK_TOKENS = 256
@@ -92,15 +93,7 @@ class PackedRows:
             outputs: (R, ...) rows of outputs, e.g. the packs' flattened kept logits.
             index: (n,) the row of ``outputs`` of each response token, in row-major order of :attr:`valid`.
         """
-        rows, width = self.valid.shape
-        valid = self.valid.flatten()
-        # One gather (a prompt's last output serves each of its rows: index_select's backward adds those up, far
-        # cheaper than indexing's accumulating index_put), then padding zeroed in place: no third copy of the logits.
-        source = torch.zeros(rows * width, dtype=torch.long, device=outputs.device)
-        source[valid] = index
-        spread = outputs.index_select(0, source)
-        spread.masked_fill_(~valid.view(-1, *[1] * (outputs.dim() - 1)), 0)
-        return spread.view(rows, width, *outputs.shape[1:])
+        return spread_rows(outputs, index, self.valid)
 
 
 def rows_are_packable(attention_mask: Tensor, num_response: int) -> bool:
@@ -230,19 +223,20 @@ def _mask_dtype(model: nn.Module) -> torch.dtype:
 
 
 def packed_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                  num_response: int, share_prompts: bool = True) -> Tensor:
+                  num_response: int, share_prompts: bool = True) -> TokenLogits:
     """Next-token logits at the response positions of a causal LM, by one packed call; the LM head runs only at
     the columns some response token reads.
 
     Returns:
-        (B, A, V) logits (row t predicts response token t, as :func:`vrpo_pl.rollout.response_logits`); zeros at
-        the positions past each response's end.
+        :class:`~vrpo_pl.logprobs.TokenLogits`: the packs' kept logits, one row per kept output, and the row
+        predicting each response token (``.dense()``: (B, A, V) as :func:`vrpo_pl.rollout.response_logits`, zeros
+        at the positions past each response's end).
     """
     packed = pack_rows(sequences, attention_mask, position_ids, num_response, share_prompts)
     keep, index = packed.kept_columns()
     out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask(_mask_dtype(model)),
                 position_ids=packed.position_ids, logits_to_keep=keep, use_cache=False)
-    return packed.spread(out.logits.reshape(-1, out.logits.shape[-1]), index)
+    return TokenLogits(out.logits.reshape(-1, out.logits.shape[-1]), index, packed.valid)
 
 
 def packed_hidden(backbone: nn.Module, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor,

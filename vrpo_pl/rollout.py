@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vrpo_pl.logprobs import logprobs_from_logits, token_logprobs_and_entropy
+from vrpo_pl.logprobs import TokenLogits, logprobs_from_logits, token_logprobs_and_entropy
 from vrpo_pl.models import training_attention
 from vrpo_pl.packing import packable, packed_logits
 from vrpo_pl.prefix import shared_prefix_logits, shared_prompts_for
@@ -179,11 +179,13 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logits(
+def response_token_logits(
     model: nn.Module, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, num_response: int,
     prompt_width: int | None = None, pack: bool = False,
-) -> Tensor:
-    """Next-token logits at the A response positions, computing the LM head only there.
+) -> TokenLogits:
+    """Next-token logits at the A response positions, computing the LM head only there, kept as the pass made
+    them (:class:`~vrpo_pl.logprobs.TokenLogits`): log-probs and entropies are then taken over the response tokens
+    only, without spreading the logits into (B, A, V) with their padding.
 
     Args:
         model: a causal LM.
@@ -192,37 +194,52 @@ def response_logits(
         prompt_width: P, the prompt columns (T = P + A): given, rows that repeat a prompt compute it once
             (:mod:`vrpo_pl.prefix`, ``--model.ppo.share_prompt_prefix``); None, or no prompt repeated: one plain pass.
         pack: one packed call over the rows' real tokens where the model allows (:mod:`vrpo_pl.packing`,
-            ``--model.ppo.pack_rows``), sharing prompts when ``prompt_width`` is given; zero logits past each
-            response's end.
-
-    Returns:
-        (B, A, V) logits; row t predicts response token t.
+            ``--model.ppo.pack_rows``), sharing prompts when ``prompt_width`` is given.
     """
     if pack and packable(model, attention_mask, num_response):
         return packed_logits(model, sequences, attention_mask, position_ids, num_response,
                              share_prompts=prompt_width is not None)
+    valid = attention_mask[:, -num_response:].bool()
     shared = shared_prompts_for(model, sequences, attention_mask, num_response, prompt_width)
     if shared is not None:
-        return shared_prefix_logits(model, sequences, attention_mask, position_ids, shared)
+        return TokenLogits.from_dense(shared_prefix_logits(model, sequences, attention_mask, position_ids, shared),
+                                      valid)
     out = model(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
         logits_to_keep=num_response + 1, use_cache=False,
     )
-    return out.logits[:, :-1]
+    return TokenLogits.from_dense(out.logits[:, :-1], valid)
 
 
-def response_logprobs(logits: Tensor, responses: Tensor, temperature: float = 1.0) -> Tensor:
-    """(B, A) log-probs of the response tokens under logits / temperature."""
+def response_logits(
+    model: nn.Module, sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, num_response: int,
+    prompt_width: int | None = None, pack: bool = False,
+) -> Tensor:
+    """(B, A, V) next-token logits at the response positions (:func:`response_token_logits`'s, spread); row t
+    predicts response token t. A packed pass gives zeros past each response's end."""
+    return response_token_logits(model, sequences, attention_mask, position_ids, num_response, prompt_width,
+                                 pack).dense()
+
+
+def response_logprobs(logits: Tensor | TokenLogits, responses: Tensor, temperature: float = 1.0) -> Tensor:
+    """(B, A) log-probs of the response tokens under logits / temperature; from :class:`TokenLogits`, zeros at
+    padding."""
+    if isinstance(logits, TokenLogits):
+        return logits.token_stats(responses, temperature, with_entropy=False)[0]
     return logprobs_from_logits(logits / temperature if temperature != 1.0 else logits, responses)
 
 
-def guide_targets(logits: Tensor, responses: Tensor) -> Tensor:
+def guide_targets(logits: Tensor | TokenLogits, responses: Tensor) -> Tensor:
     """Frozen-LM targets per response token: (B, A, 2) = (entropy H_t, surprisal S_t = -log p(y_t)), in nats.
 
     Computed from the guide's untempered logits; when the guide is the reference these are the logits of the
-    reference pass, so no extra forward is needed.
+    reference pass, so no extra forward is needed (and, at temperature 1, no second normalization either:
+    :meth:`TokenLogits.token_stats` keeps its last result).
     """
-    logp, entropy = token_logprobs_and_entropy(logits, responses)
+    if isinstance(logits, TokenLogits):
+        logp, entropy = logits.token_stats(responses, 1.0, with_entropy=True)
+    else:
+        logp, entropy = token_logprobs_and_entropy(logits, responses)
     return torch.stack([entropy, -logp], dim=-1)
 
 
@@ -372,12 +389,12 @@ def reference_model(policy: nn.Module, reference: nn.Module | None) -> Iterator[
             yield policy
 
 
-GuideFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+GuideFn = Callable[[Tensor, Tensor, Tensor, Tensor, TokenLogits], Tensor]
 """(sequences, attention_mask, position_ids, responses, reference logits) -> (B, A, 2) guide entropy and surprisal."""
 
 
 def reference_guide(sequences: Tensor, attention_mask: Tensor, position_ids: Tensor, responses: Tensor,
-                    reference_logits: Tensor) -> Tensor:
+                    reference_logits: TokenLogits) -> Tensor:
     """The :data:`GuideFn` whose guide is the reference: entropy and surprisal of the reference pass's logits."""
     return guide_targets(reference_logits, responses)
 
@@ -412,16 +429,19 @@ def score_rollout(
     for s in range(0, r.size, chunk):
         sl = slice(s, s + chunk)
         args = (r.sequences[sl], r.attention_mask[sl], r.position_ids[sl])
+        responses = r.responses[sl]
         if r.logp is None:
             # The old log-probs in the update's own numerics (its attention kernel), so the first ratio is 1.
             with training_attention(policy):
-                logits = response_logits(policy, *args, num, prompt_width=width, pack=pack)
-            parts["logp"].append(response_logprobs(logits, r.responses[sl], temperature))
+                logits = response_token_logits(policy, *args, num, prompt_width=width, pack=pack)
+            parts["logp"].append(response_logprobs(logits, responses, temperature))
         with reference_model(policy, reference) as ref:
-            ref_logits = response_logits(ref, *args, num, prompt_width=width, pack=pack)
-        parts["ref_logp"].append(response_logprobs(ref_logits, r.responses[sl], temperature))
+            ref_logits = response_token_logits(ref, *args, num, prompt_width=width, pack=pack)
+        # At temperature 1 a guide that reads these logits (the reference) reuses this normalization.
+        with_entropy = guide is not None and temperature == 1.0
+        parts["ref_logp"].append(ref_logits.token_stats(responses, temperature, with_entropy)[0])
         if guide is not None:
-            parts["guide_raw"].append(guide(*args, r.responses[sl], ref_logits))
+            parts["guide_raw"].append(guide(*args, responses, ref_logits))
         del ref_logits
         if critic is not None:
             parts["values"].append(critic(*args, num, prompt_width=width, pack=pack).values)

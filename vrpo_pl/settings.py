@@ -69,6 +69,16 @@ class PPOSettings:
     ``vrpo_pl.packing.PACK_MAX_TOKENS`` (1,024), where packing does not pay. On 2 Xeon cores the update's policy and
     critic passes over throughput.py's micro-batches of 8 rows took 0.68-0.75x the time of the shared ones
     (docs/performance.md, "Packed rows"). False: the shared or plain pass."""
+    fuse_update: bool = True
+    """Run each micro-batch's policy and critic passes of the update as one call (:mod:`vrpo_pl.fused`; our choice):
+    the policy's packs and the critic's copy of them side by side through the policy's decoder, every frozen weight
+    multiplied once over both, each half adapted by its own model's LoRA, the LM head over the first half and the
+    value head over the second. Equal to the two passes up to float rounding, with each loss's gradient reaching
+    its own adapters only. Only with pack_rows, LoRA on both models over the same frozen base tensors (PPO's and
+    VRPO's default; not under FSDP2) and plain LoRA adapters of one rank; a micro-batch the packed pass does not
+    take, or a run without these, steps the two models one after the other. The wider call is what pays: on 2 Xeon
+    cores over throughput.py's micro-batches of 8 rows (bf16), the policy's and the critic's forward + backward
+    took 0.86x the time fused (docs/performance.md, "Fused update passes"). False: two passes."""
     clip_eps: float = 0.2
     """Policy ratio clip range epsilon (Schulman et al. 2017)."""
     value_clip: float | None = 0.2

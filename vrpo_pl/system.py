@@ -207,7 +207,7 @@ class RLSystem(pl.LightningModule):
     @property
     def phase_seconds(self) -> dict[str, float]:
         """Seconds of each phase of the last training step (``rollout``, ``generation``, ``score``, ``update``,
-        ``update_policy``, ``update_critic``)."""
+        ``update_policy``, ``update_critic``, ``update_fused``: the phases that ran)."""
         return dict(self.timer.seconds)
 
     def _load_tokenizer(self):

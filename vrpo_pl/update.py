@@ -13,6 +13,7 @@ which checkpoints it; the update advances it in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,11 +21,19 @@ from torch import Tensor, nn
 
 from vrpo_pl import distributed
 from vrpo_pl import losses as L
-from vrpo_pl.critic import ValueModel
-from vrpo_pl.logprobs import logprobs_and_entropy
+from vrpo_pl.critic import ValueModel, ValueOutput
+from vrpo_pl.fused import adapter_pairs, fusable, fused_passes
+from vrpo_pl.logprobs import TokenLogits, logprobs_and_entropy
 from vrpo_pl.metrics import MetricAccumulator, PhaseTimer
 from vrpo_pl.models import training_attention
-from vrpo_pl.rollout import MicroBatch, Rollout, micro_batch, mini_batch_order, response_logits, split_micro_batches
+from vrpo_pl.rollout import (
+    MicroBatch,
+    Rollout,
+    micro_batch,
+    mini_batch_order,
+    response_token_logits,
+    split_micro_batches,
+)
 from vrpo_pl.settings import CriticSettings, KLSettings, OptimSettings, PPOSettings
 
 
@@ -96,50 +105,64 @@ class PPOUpdate:
                     norm = distributed.loss_normalizers(r.mask[idx], self.world_size)
                     micro_batches = split_micro_batches(r, idx, micro, self.ppo.max_tokens_per_micro_batch,
                                                         by_prompt=self.shares_prompts)
-                    if train_policy and epoch < self.ppo.epochs:
-                        self.optimizer_step("policy", self.optimizers[0], self.policy, micro_batches, r, norm, metrics)
-                    if self.critic is not None and epoch < critic_epochs:
-                        self.optimizer_step("critic", self.optimizers[1], self.critic, micro_batches, r, norm, metrics)
+                    models = [name for name, steps in (
+                        ("policy", train_policy and epoch < self.ppo.epochs),
+                        ("critic", self.critic is not None and epoch < critic_epochs)) if steps]
+                    # Both models stepping on this mini-batch: from one fused call per micro-batch where it can.
+                    fused = len(models) == 2 and self.fuses_passes
+                    for names in [tuple(models)] if fused else [(name,) for name in models]:
+                        self.optimizer_step(names, micro_batches, r, norm, metrics)
         return metrics.compute(distributed.all_reduce_sum)
 
-    def optimizer_step(self, name: str, optimizer: torch.optim.Optimizer, model: nn.Module,
-                       micro_batches: list[Tensor], r: Rollout, norm: dict[str, float],
+    def optimizer_step(self, names: tuple[str, ...], micro_batches: list[Tensor], r: Rollout, norm: dict[str, float],
                        metrics: MetricAccumulator) -> None:
-        """One optimizer step of the policy or the critic: accumulate over micro-batches, average over ranks, clip,
-        step; a non-finite loss or gradient on any rank skips the step everywhere (counted, and fatal in a row)."""
-        loss_fn = self.policy_loss if name == "policy" else self.critic_loss
-        if name == "critic" and self.critic_settings.vib:
+        """One optimizer step of the policy, of the critic, or of both from fused passes (``names``): accumulate over
+        micro-batches, average over ranks, clip, step; a non-finite loss or gradient on any rank skips that model's
+        step everywhere (counted, and fatal in a row)."""
+        if "critic" in names and self.critic_settings.vib:
             # The VIB's draws for every row of the rollout, once per optimizer step: the same update however the
             # mini-batch is split into micro-batches.
             shape = (*r.mask.shape, self.critic_settings.latent_dim)
             self._vib_noise = torch.randn(shape, generator=self.vib_gen, device=self.device)
-        finite = True
-        with self.timer(f"update_{name}"):
+        finite = dict.fromkeys(names, True)
+        with self.timer("update_" + ("fused" if len(names) == 2 else names[0])):
             for rows in micro_batches:
-                b, loss, stats, correlations = loss_fn(r, rows, norm)
-                ok = bool(torch.isfinite(loss))
-                finite = finite and ok
+                if len(names) == 2:
+                    results = dict(zip(names, self.fused_losses(r, rows, norm), strict=True))
+                else:
+                    loss_fn = self.policy_loss if names[0] == "policy" else self.critic_loss
+                    results = {names[0]: loss_fn(r, rows, norm)}
+                for name, (b, loss, stats, correlations) in results.items():
+                    ok = bool(torch.isfinite(loss))
+                    finite[name] = finite[name] and ok
+                    mask = b.take(r.mask) if ok else torch.zeros_like(b.take(r.mask))  # non-finite: registers, adds 0
+                    for key, value in stats.items():
+                        metrics.token_mean(key, value if ok else torch.zeros_like(value), mask)
+                    for key, (x, y) in correlations.items():
+                        metrics.correlation(key, x if ok else x[:0], y if ok else y[:0])
                 # Backward runs even on a non-finite loss: under FSDP every rank must run the same number of
-                # (collective) backward passes. The step is skipped below instead.
-                self.backward(loss)
-                mask = b.take(r.mask) if ok else torch.zeros_like(b.take(r.mask))  # non-finite: registers, adds 0
-                for key, value in stats.items():
-                    metrics.token_mean(key, value if ok else torch.zeros_like(value), mask)
-                for key, (x, y) in correlations.items():
-                    metrics.correlation(key, x if ok else x[:0], y if ok else y[:0])
-            params = [p for p in model.parameters() if p.requires_grad]
-            # Every rank must take the same branch: the gradient all-reduce below is collective.
-            finite = bool(distributed.all_reduce_sum(torch.tensor(float(not finite), device=self.device)) == 0)
-            grad_norm = torch.zeros((), device=self.device)
-            if finite:
-                distributed.average_gradients(self.wrapped_model, params)
-                max_norm = self.optim.policy_max_grad_norm if name == "policy" else self.optim.critic_max_grad_norm
-                grad_norm = distributed.clip_grad_norm(params, max_norm)
-                finite = bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-                self.nonfinite_in_row[name] = 0
-            optimizer.zero_grad(set_to_none=True)
+                # (collective) backward passes. The step is skipped below instead. Fused, the sum's gradient
+                # reaches each model's adapters from its own loss only.
+                self.backward(sum(loss for _, loss, _, _ in results.values()))
+            for name in names:
+                self._step(name, finite[name], metrics)
+
+    def _step(self, name: str, finite: bool, metrics: MetricAccumulator) -> None:
+        """The optimizer step of ``name`` after its micro-batches: average over ranks, clip, step or skip."""
+        optimizer, model = (self.optimizers[0], self.policy) if name == "policy" else (self.optimizers[1], self.critic)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Every rank must take the same branch: the gradient all-reduce below is collective.
+        finite = bool(distributed.all_reduce_sum(torch.tensor(float(not finite), device=self.device)) == 0)
+        grad_norm = torch.zeros((), device=self.device)
+        if finite:
+            distributed.average_gradients(self.wrapped_model, params)
+            max_norm = self.optim.policy_max_grad_norm if name == "policy" else self.optim.critic_max_grad_norm
+            grad_norm = distributed.clip_grad_norm(params, max_norm)
+            finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+            self.nonfinite_in_row[name] = 0
+        optimizer.zero_grad(set_to_none=True)
         metrics.step_mean(f"{'policy' if name == 'policy' else 'value'}/grad_norm", grad_norm if finite else 0.0,
                           steps=float(finite))
         metrics.sum("train/skipped_updates", float(not finite))
@@ -158,25 +181,58 @@ class PPOUpdate:
                 "--model.ppo.max_nonfinite_updates. Checkpoints already written are intact."
             )
 
+    @functools.cached_property
+    def fused_pairs(self) -> list | None:
+        """The policy's and the critic's LoRA linears paired for fused passes (:func:`vrpo_pl.fused.adapter_pairs`),
+        None where the two models cannot share a call."""
+        return adapter_pairs(self.policy, self.critic) if self.ppo.fuse_update and self.packs_rows else None
+
+    @property
+    def fuses_passes(self) -> bool:
+        """The policy's and the critic's steps on a mini-batch run their passes as one call per micro-batch
+        (``--model.ppo.fuse_update``, :mod:`vrpo_pl.fused`)."""
+        return self.fused_pairs is not None
+
     def policy_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
         """The policy objective on the micro-batch ``rows``: ``(micro-batch, loss, per-token stats, {})``."""
         b = micro_batch(r, rows)
-        logits = response_logits(self.policy, b.sequences, b.attention_mask, b.position_ids, b.width,
-                                 prompt_width=self._shared_prompt_width(b), pack=self.packs_rows)
-        logp, entropy = logprobs_and_entropy(logits, b.take(r.responses), self.temperature,
-                                               entropy_grad=self.ppo.entropy_coef > 0)
+        logits = response_token_logits(self.policy, b.sequences, b.attention_mask, b.position_ids, b.width,
+                                       prompt_width=self._shared_prompt_width(b), pack=self.packs_rows)
+        return self._policy_objective(r, b, logits, norm)
+
+    def critic_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
+        """The critic objective on the micro-batch ``rows``: ``(micro-batch, loss, per-token stats, correlations)``."""
+        c, b = self.critic_settings, micro_batch(r, rows)
+        out = self.critic(b.sequences, b.attention_mask, b.position_ids, b.width, sample=bool(c.vib),
+                          noise=self._vib_noise_of(b), prompt_width=self._shared_prompt_width(b), pack=self.packs_rows)
+        return self._critic_objective(r, b, out, norm)
+
+    def fused_losses(self, r: Rollout, rows: Tensor, norm: dict[str, float]) -> tuple[tuple, tuple]:
+        """The policy's and the critic's objectives on the micro-batch ``rows`` from one fused call where it takes
+        them (:func:`vrpo_pl.fused.fusable`), else from the two passes: ``(policy's, critic's)`` as
+        :meth:`policy_loss` and :meth:`critic_loss` return them."""
+        b = micro_batch(r, rows)
+        if not fusable(self.policy, self.fused_pairs, b.attention_mask, b.width):
+            return self.policy_loss(r, rows, norm), self.critic_loss(r, rows, norm)
+        logits, out = fused_passes(self.policy, self.critic, self.fused_pairs, b.sequences, b.attention_mask,
+                                   b.position_ids, b.width, share_prompts=self.shares_prompts,
+                                   sample=bool(self.critic_settings.vib), noise=self._vib_noise_of(b))
+        return self._policy_objective(r, b, logits, norm), self._critic_objective(r, b, out, norm)
+
+    def _policy_objective(self, r: Rollout, b: MicroBatch, logits: TokenLogits, norm: dict[str, float]):
+        if self.ppo.entropy_coef > 0:  # an entropy bonus differentiates the entropy: the whole log-softmax
+            logp, entropy = logprobs_and_entropy(logits.dense(), b.take(r.responses), self.temperature,
+                                                 entropy_grad=True)
+        else:
+            logp, entropy = logits.token_stats(b.take(r.responses), self.temperature)
         loss, stats = L.policy_objective(
             logp, entropy, b.take(r.logp), b.take(r.advantages), b.take(r.mask), clip_eps=self.ppo.clip_eps,
             entropy_coef=self.ppo.entropy_coef, ref_logp=b.take(r.ref_logp) if self.kl.placement == "loss" else None,
             kl_coef=self.kl_coef, kl_estimator=self.kl.estimator, aggregation=self.ppo.loss_aggregation, **norm)
         return b, loss, stats, {}
 
-    def critic_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
-        """The critic objective on the micro-batch ``rows``: ``(micro-batch, loss, per-token stats, correlations)``."""
-        c, b = self.critic_settings, micro_batch(r, rows)
-        out = self.critic(b.sequences, b.attention_mask, b.position_ids, b.width, sample=bool(c.vib),
-                          noise=None if self._vib_noise is None else b.take(self._vib_noise),
-                          prompt_width=self._shared_prompt_width(b), pack=self.packs_rows)
+    def _critic_objective(self, r: Rollout, b: MicroBatch, out: ValueOutput, norm: dict[str, float]):
+        c = self.critic_settings
         unit = self.critic.head.normalize  # the regression's units (standardized returns with normalize_values)
         loss, stats, correlations = L.critic_objective(
             unit(out.values), unit(b.take(r.values)), unit(b.take(r.returns)), b.take(r.mask),
@@ -186,6 +242,9 @@ class PPOUpdate:
             key=None if r.key is None else b.take(r.key), key_alpha=c.key_alpha, aux_key_only=c.aux_key_only,
             aggregation=self.ppo.loss_aggregation, **norm)
         return b, loss, stats, correlations
+
+    def _vib_noise_of(self, b: MicroBatch) -> Tensor | None:
+        return None if self._vib_noise is None else b.take(self._vib_noise)
 
     def _shared_prompt_width(self, b: MicroBatch) -> int | None:
         """The micro-batch's prompt width when its passes share prompts (:attr:`shares_prompts`)."""
