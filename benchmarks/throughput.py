@@ -321,17 +321,31 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
         assert out.shape[1] - r.prompt_width == num, "the lower bound generated a different length"
         chunk = rows_per_forward(size, r.sequences.shape[1], p.max_tokens_per_forward,  # as the system's passes
                                  default=p.micro_batch_size or p.mini_batch_size)
+        micro = p.micro_batch_size or p.mini_batch_size
+        # The system's fused passes (--model.ppo.fuse_update): old log-probs and values from one call per slice.
+        pairs = adapter_pairs(policy, critic) if p.fuse_update and pack and critic is not None else None
+        fuse = pairs is not None and not reuse
         with timed("frozen"):
             for s in range(0, size, chunk):
                 sl = slice(s, s + chunk)
-                if not reuse:
+                if not reuse and not fuse:
                     logp(policy, sl)
                 if system.reference is not None:
                     logp(system.reference, sl)
                 else:
                     with policy.disable_adapter():
                         logp(policy, sl)
-                if critic is not None:
+                if critic is not None and not fuse:
+                    critic_values(sl)
+            for s in range(0, size, micro) if fuse else ():
+                sl = slice(s, s + micro)
+                if fusable(policy, pairs, r.attention_mask[sl], num):
+                    with training_attention(policy, critic):
+                        logits, _ = fused_passes(policy, critic, pairs, r.sequences[sl], r.attention_mask[sl],
+                                                 r.position_ids[sl], num, share_prompts=width is not None)
+                    response_logprobs(logits, r.responses[sl], g.temperature)
+                else:
+                    logp(policy, sl)
                     critic_values(sl)
         with timed("score"):
             lengths = r.mask.sum(1).long().tolist()
@@ -343,12 +357,9 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
                                  for q, t, a, m, n in zip(batch["prompt"], texts, answers, metadata, lengths,
                                                           strict=True)])
     optimizers = trainer.optimizers
-    micro = p.micro_batch_size or p.mini_batch_size
     critic_epochs = p.critic_epochs or p.epochs  # the critic's passes, as the system's update makes them
     share = width is not None
     vib = bool(system.critic_settings.vib)
-    # The system's fused policy + critic passes (--model.ppo.fuse_update), where it makes them.
-    pairs = adapter_pairs(policy, critic) if p.fuse_update and pack and critic is not None else None
 
     def policy_term(b, logits, tokens):
         ratio = torch.exp(response_logprobs(logits, b.take(r.responses), g.temperature) - b.take(r.logp))

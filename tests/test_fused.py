@@ -10,6 +10,7 @@ import torch
 from torch.testing import assert_close
 
 import vrpo_pl.packing
+import vrpo_pl.rollout
 from tests.test_prefix import TOL, _rollout
 from vrpo_pl.fused import adapter_pairs, fusable, fused_passes
 from vrpo_pl.lora import LoRASpec
@@ -159,3 +160,29 @@ def test_a_micro_batch_too_long_to_pack_is_not_fused(monkeypatch):
     monkeypatch.setattr(vrpo_pl.packing, "PACK_MAX_TOKENS", int(b.attention_mask.sum()) - 1)
     assert not fusable(policy, pairs, b.attention_mask, b.width)
     assert not fusable(policy, None, b.attention_mask, b.width)
+
+
+@pytest.mark.parametrize("fused_chunk", [4, 64])  # slices of whole groups; one slice past PACK_MAX_TOKENS
+def test_score_rollout_with_fused_passes_fills_the_same_fields(monkeypatch, fused_chunk):
+    """The rollout's old log-probs and values from fused calls equal those of the policy's and the critic's own
+    passes (in the update's attention either way), and the reference's and guide's fields are untouched; a slice
+    the packed pass does not take gets the two passes."""
+    from vrpo_pl.models import training_attention
+    from vrpo_pl.rollout import reference_guide, score_rollout
+
+    tokenizer, policy, critic = _models()
+    pairs = adapter_pairs(policy, critic)
+    if fused_chunk == 64:
+        monkeypatch.setattr(vrpo_pl.packing, "PACK_MAX_TOKENS", 40)
+    calls = []
+    monkeypatch.setattr(vrpo_pl.rollout, "fused_passes", lambda *a, **k: calls.append(1) or fused_passes(*a, **k))
+    fields = {}
+    for fused in (True, False):
+        r = _rollout(tokenizer, samples=2)
+        with training_attention(critic):  # the values in the update's attention, as the fused call computes them
+            score_rollout(r, policy, None, critic, temperature=1.0, chunk=3, guide=reference_guide, pack=True,
+                          fused_pairs=pairs if fused else None, fused_chunk=fused_chunk)
+        fields[fused] = {name: getattr(r, name)[r.mask.bool()] for name in ("logp", "ref_logp", "values", "guide_raw")}
+    assert len(calls) == (2 if fused_chunk == 4 else 0)  # 8 rows in slices of 4; or none packable
+    for name, value in fields[True].items():
+        assert_close(value, fields[False][name], **TOL, msg=name)

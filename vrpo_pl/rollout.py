@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from vrpo_pl.fused import fusable, fused_passes
 from vrpo_pl.logprobs import TokenLogits, logprobs_from_logits, token_logprobs_and_entropy
 from vrpo_pl.models import training_attention
 from vrpo_pl.packing import packable, packed_logits
@@ -415,6 +416,7 @@ def rows_per_forward(size: int, width: int, budget: int | None, default: int) ->
 def score_rollout(
     r: Rollout, policy: nn.Module, reference: nn.Module | None, critic: nn.Module | None, *, temperature: float,
     chunk: int, guide: GuideFn | None = None, share_prefix: bool = True, pack: bool = False,
+    fused_pairs: list | None = None, fused_chunk: int | None = None,
 ) -> None:
     """The rollout's no-gradient passes, each once per slice of ``chunk`` sequences; fills ``r`` in place.
 
@@ -423,18 +425,25 @@ def score_rollout(
     ``r.values`` with a critic. With ``share_prefix`` (``--model.ppo.share_prompt_prefix``) the policy, reference and
     critic passes compute each distinct prompt of a slice once (:mod:`vrpo_pl.prefix`); with ``pack``
     (``--model.ppo.pack_rows``) each pass is one packed call over the slice's real tokens (:mod:`vrpo_pl.packing`).
+    With ``fused_pairs`` (``--model.ppo.fuse_update``, :func:`vrpo_pl.fused.adapter_pairs`) the old log-probs and
+    the values come from one fused call per slice of ``fused_chunk`` rows (:mod:`vrpo_pl.fused`), in the update's
+    attention as the old log-probs always are; a slice the packed pass does not take gets the two passes.
     """
     num, parts = r.responses.shape[1], defaultdict(list)
     width = r.prompt_width if share_prefix else None
+    fuse = fused_pairs is not None and critic is not None and r.logp is None
+
+    def old_logprobs(args: tuple, responses: Tensor) -> Tensor:
+        # The old log-probs in the update's own numerics (its attention kernel), so the first ratio is 1.
+        with training_attention(policy):
+            logits = response_token_logits(policy, *args, num, prompt_width=width, pack=pack)
+        return response_logprobs(logits, responses, temperature)
+
     for s in range(0, r.size, chunk):
         sl = slice(s, s + chunk)
-        args = (r.sequences[sl], r.attention_mask[sl], r.position_ids[sl])
-        responses = r.responses[sl]
-        if r.logp is None:
-            # The old log-probs in the update's own numerics (its attention kernel), so the first ratio is 1.
-            with training_attention(policy):
-                logits = response_token_logits(policy, *args, num, prompt_width=width, pack=pack)
-            parts["logp"].append(response_logprobs(logits, responses, temperature))
+        args, responses = (r.sequences[sl], r.attention_mask[sl], r.position_ids[sl]), r.responses[sl]
+        if r.logp is None and not fuse:
+            parts["logp"].append(old_logprobs(args, responses))
         with reference_model(policy, reference) as ref:
             ref_logits = response_token_logits(ref, *args, num, prompt_width=width, pack=pack)
         # At temperature 1 a guide that reads these logits (the reference) reuses this normalization.
@@ -443,7 +452,19 @@ def score_rollout(
         if guide is not None:
             parts["guide_raw"].append(guide(*args, responses, ref_logits))
         del ref_logits
-        if critic is not None:
+        if critic is not None and not fuse:
+            parts["values"].append(critic(*args, num, prompt_width=width, pack=pack).values)
+    step = fused_chunk or chunk
+    for s in range(0, r.size, step) if fuse else ():
+        sl = slice(s, s + step)
+        args, responses = (r.sequences[sl], r.attention_mask[sl], r.position_ids[sl]), r.responses[sl]
+        if fusable(policy, fused_pairs, args[1], num):
+            with training_attention(policy, critic):
+                logits, out = fused_passes(policy, critic, fused_pairs, *args, num, share_prompts=share_prefix)
+            parts["logp"].append(response_logprobs(logits, responses, temperature))
+            parts["values"].append(out.values)
+        else:
+            parts["logp"].append(old_logprobs(args, responses))
             parts["values"].append(critic(*args, num, prompt_width=width, pack=pack).values)
     for name, values in parts.items():
         setattr(r, name, torch.cat(values))

@@ -48,6 +48,7 @@ from vrpo_pl import losses as L
 from vrpo_pl.advantages import RunningMoments, compute_advantages
 from vrpo_pl.compile import prepare_compiled_blocks
 from vrpo_pl.critic import ValueModel
+from vrpo_pl.fused import adapter_pairs
 from vrpo_pl.lora import LoRASpec
 from vrpo_pl.metrics import PhaseTimer, rollout_metrics, sample_records
 from vrpo_pl.models import DType, LMSource, all_trained_by_lora, build_models, resolve_dtype, torch_dtype
@@ -322,6 +323,15 @@ class RLSystem(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.rollouts)
 
+    @property
+    def fused_pairs(self) -> list | None:
+        """The policy's and the critic's LoRA linears paired for fused passes (``--model.ppo.fuse_update`` with
+        ``pack_rows``, :func:`vrpo_pl.fused.adapter_pairs`): the rollout's old log-probs and values, and the update's
+        policy and critic passes, then share one call per slice. None where the two models cannot share a call."""
+        if not (self.ppo.fuse_update and self.ppo.pack_rows):
+            return None
+        return adapter_pairs(self.policy, self.critic)
+
     def _count_rollout(self) -> None:
         """Advances the rollout counter and makes ``trainer.global_step`` follow it.
 
@@ -346,7 +356,8 @@ class RLSystem(pl.LightningModule):
         chunk = rows_per_forward(rollout.size, rollout.sequences.shape[1], budget,
                                  default=p.micro_batch_size or p.mini_batch_size)
         score_rollout(rollout, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
-                      chunk=chunk, guide=guide, share_prefix=self.shares_prompts, pack=p.pack_rows)
+                      chunk=chunk, guide=guide, share_prefix=self.shares_prompts, pack=p.pack_rows,
+                      fused_pairs=self.fused_pairs, fused_chunk=p.micro_batch_size or p.mini_batch_size)
         if rollout.guide_raw is not None:
             targets = self.guide_callback.finalize(rollout.guide_raw, rollout.mask)
             rollout.guide_targets, rollout.key = targets.standardized, targets.key
@@ -374,6 +385,7 @@ class RLSystem(pl.LightningModule):
             self.policy, self.critic, [o.optimizer for o in optimizers], self.ppo, self.optim, self.kl,
             self.critic_settings, temperature=self.generation.temperature, kl_coef=self.kl_coef,
             rollouts=self.rollouts, shares_prompts=self.shares_prompts, packs_rows=self.ppo.pack_rows,
+            fused_pairs=self.fused_pairs,
             shuffle_gen=self._shuffle_gen,
             vib_gen=self._vib_generator() if vib else None, nonfinite_in_row=self._nonfinite_in_row,
             wrapped_model=self.trainer.model, world_size=self.trainer.world_size, device=self.device,
@@ -402,8 +414,10 @@ class RLSystem(pl.LightningModule):
         records are :func:`vrpo_pl.validation.token_view`'s."""
         r, gold, _ = self._greedy(batch, "the key-token view's validation prompts")
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else reference_guide
+        p = self.ppo
         score_rollout(r, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
-                      chunk=r.size, guide=guide, share_prefix=self.shares_prompts, pack=self.ppo.pack_rows)
+                      chunk=r.size, guide=guide, share_prefix=self.shares_prompts, pack=p.pack_rows,
+                      fused_pairs=self.fused_pairs, fused_chunk=p.micro_batch_size or p.mini_batch_size)
         return validation.token_view(r, gold, batch["prompt"], self.tokenizer, kl_estimator=self.kl.estimator,
                                      kl_coef=self.kl_coef, gamma=self.ppo.gamma, lam=self.ppo.lam)
 

@@ -13,7 +13,6 @@ which checkpoints it; the update advances it in place.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from vrpo_pl import distributed
 from vrpo_pl import losses as L
 from vrpo_pl.critic import ValueModel, ValueOutput
-from vrpo_pl.fused import adapter_pairs, fusable, fused_passes
+from vrpo_pl.fused import fusable, fused_passes
 from vrpo_pl.logprobs import TokenLogits, logprobs_and_entropy
 from vrpo_pl.metrics import MetricAccumulator, PhaseTimer
 from vrpo_pl.models import training_attention
@@ -71,6 +70,9 @@ class PPOUpdate:
     """The micro-batches' passes compute each distinct prompt once (``RLSystem.shares_prompts``)."""
     packs_rows: bool
     """The micro-batches' passes are packed calls (``--model.ppo.pack_rows``, :mod:`vrpo_pl.packing`)."""
+    fused_pairs: list | None
+    """The policy's and the critic's LoRA linears paired for fused passes (``RLSystem.fused_pairs``); None: the two
+    models' passes apart."""
     shuffle_gen: torch.Generator
     """The mini-batches' shuffling (the system's, seeded by ``--model.seed``)."""
     vib_gen: torch.Generator | None
@@ -109,7 +111,7 @@ class PPOUpdate:
                         ("policy", train_policy and epoch < self.ppo.epochs),
                         ("critic", self.critic is not None and epoch < critic_epochs)) if steps]
                     # Both models stepping on this mini-batch: from one fused call per micro-batch where it can.
-                    fused = len(models) == 2 and self.fuses_passes
+                    fused = len(models) == 2 and self.fused_pairs is not None
                     for names in [tuple(models)] if fused else [(name,) for name in models]:
                         self.optimizer_step(names, micro_batches, r, norm, metrics)
         return metrics.compute(distributed.all_reduce_sum)
@@ -180,18 +182,6 @@ class PPOUpdate:
                 f"{self.rollouts}; stopping. Lower the learning rates, check the reward's scale, or raise "
                 "--model.ppo.max_nonfinite_updates. Checkpoints already written are intact."
             )
-
-    @functools.cached_property
-    def fused_pairs(self) -> list | None:
-        """The policy's and the critic's LoRA linears paired for fused passes (:func:`vrpo_pl.fused.adapter_pairs`),
-        None where the two models cannot share a call."""
-        return adapter_pairs(self.policy, self.critic) if self.ppo.fuse_update and self.packs_rows else None
-
-    @property
-    def fuses_passes(self) -> bool:
-        """The policy's and the critic's steps on a mini-batch run their passes as one call per micro-batch
-        (``--model.ppo.fuse_update``, :mod:`vrpo_pl.fused`)."""
-        return self.fused_pairs is not None
 
     def policy_loss(self, r: Rollout, rows: Tensor, norm: dict[str, float]):
         """The policy objective on the micro-batch ``rows``: ``(micro-batch, loss, per-token stats, {})``."""
