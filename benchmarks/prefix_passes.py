@@ -15,7 +15,10 @@ rows in every variant (``plain``: every row computes its prompt and padding; ``s
 - ``values`` (no gradient): the critic's values, same slices;
 - ``policy_grad``: the policy's forward + backward of the responses' log-likelihood, over a shuffled mini-batch's
   micro-batches formed prompt by prompt (what the update does; eager attention with bf16 weights on CPU, as there);
-- ``critic_grad``: the critic's forward + backward of a squared error, same micro-batches.
+- ``critic_grad``: the critic's forward + backward of a squared error, same micro-batches;
+- ``fused_grad``: both, the packed variants as one fused call per micro-batch (:mod:`vrpo_pl.fused`,
+  ``--model.ppo.fuse_update``, which feeds the tokens listed twice, in one call), the others as the two passes one
+  after the other: compare it with ``policy_grad`` + ``critic_grad`` of the same variant.
 
 Rounds rotate over the variants (A B C, B C A, ...) after one warm-up round of each, so contention drifts over all
 alike; medians are reported with the tokens each pass feeds the model. Before timing it prints the CPU, the load average
@@ -43,7 +46,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PASSES = ["reference", "values", "policy_grad", "critic_grad"]
+PASSES = ["reference", "values", "policy_grad", "critic_grad", "fused_grad"]
 LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 BUSY = Path("/work/scratch/BUSY")
 
@@ -131,8 +134,17 @@ def run_pass(name: str, policy, critic, r, batches: list, variant: str) -> None:
     """One pass ``name`` over ``batches`` in ``variant`` (:func:`variants`)."""
     import torch
 
+    from vrpo_pl.fused import adapter_pairs, fusable, fused_passes
     from vrpo_pl.models import training_attention
     from vrpo_pl.rollout import response_logprobs, response_token_logits
+
+    pairs = adapter_pairs(policy, critic) if name == "fused_grad" else None
+
+    def log_likelihood(b, logits):
+        return (response_logprobs(logits, b.take(r.responses)) * b.take(r.mask)).sum()
+
+    def squared_error(b, values):
+        return ((values - 1.0) ** 2 * b.take(r.mask)).sum()
 
     with variant_settings(variant) as (share, pack):
         for b in batches:
@@ -145,14 +157,18 @@ def run_pass(name: str, policy, critic, r, batches: list, variant: str) -> None:
             elif name == "values":
                 with torch.no_grad():
                     critic(*args, prompt_width=width, pack=pack)
-            elif name == "policy_grad":
-                with training_attention(policy):
-                    logits = response_token_logits(policy, *args, prompt_width=width, pack=pack)
-                    (response_logprobs(logits, b.take(r.responses)) * b.take(r.mask)).sum().backward()
-            else:
-                with training_attention(critic):
-                    values = critic(*args, prompt_width=width, pack=pack).values
-                    ((values - 1.0) ** 2 * b.take(r.mask)).sum().backward()
+            elif name == "fused_grad" and pack and fusable(policy, pairs, b.attention_mask, b.width):
+                with training_attention(policy, critic):
+                    logits, out = fused_passes(policy, critic, pairs, *args, share_prompts=share)
+                    (log_likelihood(b, logits) + squared_error(b, out.values)).backward()
+            else:  # policy_grad, critic_grad, or both (fused_grad where the system would not fuse)
+                if name != "critic_grad":
+                    with training_attention(policy):
+                        logits = response_token_logits(policy, *args, prompt_width=width, pack=pack)
+                        log_likelihood(b, logits).backward()
+                if name != "policy_grad":
+                    with training_attention(critic):
+                        squared_error(b, critic(*args, prompt_width=width, pack=pack).values).backward()
     for model in (policy, critic):
         model.zero_grad(set_to_none=True)
 

@@ -104,7 +104,8 @@ def test_robustness_variants_join_the_ablations(benchmarks, capsys, tmp_path):
 
 
 def test_prefix_passes_tiny_reports_every_pass(benchmarks, tmp_path, single_thread):
-    """The pass microbenchmark times each pass plain, shared and packed (two pack sizes) and counts the tokens fed:
+    """The pass microbenchmark times each pass plain, shared and packed (two pack sizes; policy and critic also
+    fused) and counts the tokens fed:
     with 4 samples per prompt the shared passes feed fewer prompt tokens and the same others, the packed ones (in
     one pack) the shared prompts and fewer others (no padding)."""
     out = tmp_path / "prefix.md"
@@ -112,7 +113,7 @@ def test_prefix_passes_tiny_reports_every_pass(benchmarks, tmp_path, single_thre
                                              "--chunk", "4", "--pack-tokens", "512", "8", "--out", str(out)]) == 0
     text = out.read_text()
     assert "load average" in text and "/work/scratch/BUSY" in text
-    for name in ("reference", "values", "policy_grad", "critic_grad"):
+    for name in ("reference", "values", "policy_grad", "critic_grad", "fused_grad"):
         fed = {}
         for variant in ("plain", "shared", "packed 512", "packed 8"):
             row = next(line for line in text.splitlines() if line.startswith(f"| {name} | {variant} |"))
