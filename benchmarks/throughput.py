@@ -631,7 +631,7 @@ def plot_report(report_path: Path, png_path: Path) -> None:
         rows.setdefault(cells[0], {})[section] = dict(zip(names, values[offset:], strict=False))
     if not rows:
         raise ValueError(f"no phase table in {report_path}; pass a report written by --out")
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     colors = plt.cm.tab10.colors
     labels, x = [], 0
     for algorithm, sections in rows.items():
@@ -646,7 +646,7 @@ def plot_report(report_path: Path, png_path: Path) -> None:
         x += 0.5
     ax.set_xticks([i + 0.5 * (i // 2) for i in range(len(labels))], labels, fontsize=8)
     ax.set(ylabel="seconds per rollout batch", title=f"Phases of a rollout batch: {report_path.name}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

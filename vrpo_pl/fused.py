@@ -16,7 +16,10 @@ gradient reaches only its own model's adapters: the halves share no activation (
 every other operation works row by row). What changes is the width of the calls: a CPU's matrix products gain
 speed with their rows up to about a thousand (docs/performance.md), and the base workload's micro-batches of 8 rows
 are about 200-300 packed tokens. Over throughput.py's rollouts, passes over micro-batches of 16 rows took 0.81-0.83x
-the time of two passes of 8 (2 Xeon cores, bf16); the fused call has that width.
+the time of two passes of 8 (2 Xeon cores, bf16); the fused call has that width, and the policy's and the critic's
+forward + backward took 0.81x the time of their two packed passes (``benchmarks/prefix_passes.py``'s ``fused_grad``;
+docs/performance.md, "Fused policy and critic passes"). The rollout's old log-probs and values use the same call
+(:func:`vrpo_pl.rollout.score_rollout`).
 
 Only where it computes what the separate passes would: both models adapted by plain LoRA (no DoRA or other variant,
 no adapter bias, no dropout, one active adapter, not merged) on the same modules with the same rank, every other

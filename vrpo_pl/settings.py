@@ -78,7 +78,9 @@ class PPOSettings:
     VRPO's default; not under FSDP2) and plain LoRA adapters of one rank; a micro-batch the packed pass does not
     take, or a run without these, steps the two models one after the other. The wider call is what pays: on 2 Xeon
     cores over throughput.py's micro-batches of 8 rows (bf16), the policy's and the critic's forward + backward
-    took 0.86x the time fused (docs/performance.md, "Fused update passes"). False: two passes."""
+    took 0.81x the time fused, and a PPO rollout batch 0.87x (VRPO 0.95x; docs/performance.md, "Fused policy and
+    critic passes"). The rollout's old log-probs and values then come from one fused call per slice of a
+    micro-batch's rows too. False: two passes."""
     clip_eps: float = 0.2
     """Policy ratio clip range epsilon (Schulman et al. 2017)."""
     value_clip: float | None = 0.2
