@@ -11,8 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_CHUNK_ELEMENTS = 2**24
-"""Float32 elements of logits processed at a time (64 MiB): never a float32 copy of a whole (B, A, V) tensor."""
+_CHUNK_ELEMENTS = 2**21
+"""Float32 elements of logits processed at a time (8 MiB, 42 rows of SmolLM2's 49,152 logits): never a float32
+copy of a whole (B, A, V) tensor. Small enough that each chunk's float32 intermediates are reused from the heap and
+stay in cache: on 2 Xeon cores (bf16 logits) 700 rows' log-probs and entropies took 0.04 s in chunks of 2**21
+elements against 0.16-0.26 s in chunks of 2**24 (64 MiB, freshly mapped memory every chunk), and 256 rows'
+log-probs with their backward 0.03 s against 0.10 s; 2**20 was no faster."""
 
 
 def _chunk_rows(vocab: int) -> int:
