@@ -136,7 +136,7 @@ def run_pass(name: str, policy, critic, r, batches: list, variant: str) -> None:
 
     from vrpo_pl.fused import adapter_pairs, fusable, fused_passes
     from vrpo_pl.models import training_attention
-    from vrpo_pl.rollout import response_logprobs, response_token_logits
+    from vrpo_pl.passes import response_logprobs, response_token_logits
 
     pairs = adapter_pairs(policy, critic) if name == "fused_grad" else None
 

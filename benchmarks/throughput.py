@@ -279,8 +279,9 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
 
     from vrpo_pl.fused import adapter_pairs, fusable, fused_passes
     from vrpo_pl.models import training_attention
+    from vrpo_pl.passes import response_logprobs, response_token_logits, rows_per_forward
     from vrpo_pl.rewards.base import Completion
-    from vrpo_pl.rollout import micro_batch, response_logprobs, response_token_logits, rows_per_forward
+    from vrpo_pl.rollout import micro_batch
 
     policy, critic, r, g = system.policy, system.critic, cap["rollout"], system.generation
     size, num = r.responses.shape
@@ -320,8 +321,8 @@ def lower_bound(system, trainer, cap: dict) -> dict[str, float]:
                 out = torch.cat([prompt_ids, responses], 1)
         assert out.shape[1] - r.prompt_width == num, "the lower bound generated a different length"
         chunk = rows_per_forward(size, r.sequences.shape[1], p.max_tokens_per_forward,  # as the system's passes
-                                 default=p.micro_batch_size or p.mini_batch_size)
-        micro = p.micro_batch_size or p.mini_batch_size
+                                 default=p.micro_rows)
+        micro = p.micro_rows
         # The system's fused passes (--model.ppo.fuse_update): old log-probs and values from one call per slice.
         pairs = adapter_pairs(policy, critic) if p.fuse_update and pack and critic is not None else None
         fuse = pairs is not None and not reuse

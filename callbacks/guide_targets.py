@@ -22,7 +22,7 @@ from vrpo_pl.advantages import RunningMoments
 from vrpo_pl.logprobs import TokenLogits
 from vrpo_pl.losses import key_token_mask
 from vrpo_pl.models import LMSource, contiguous_lm_head
-from vrpo_pl.rollout import guide_targets, response_token_logits
+from vrpo_pl.passes import guide_targets, response_token_logits
 
 
 @dataclass

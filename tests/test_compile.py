@@ -6,7 +6,8 @@ import torch
 from vrpo_pl.compile import COMPILED_EAGER_ATTENTION, compile_targets, decoder_layers, prepare_compiled_blocks
 from vrpo_pl.lora import LoRASpec, apply_lora
 from vrpo_pl.models import TinyLM, training_attention
-from vrpo_pl.rollout import position_ids_from_mask, response_logits
+from vrpo_pl.passes import response_logits
+from vrpo_pl.rollout import position_ids_from_mask
 
 
 def _lora_lm(dtype: torch.dtype) -> torch.nn.Module:

@@ -10,12 +10,13 @@ import torch
 from torch.testing import assert_close
 
 import vrpo_pl.packing
-import vrpo_pl.rollout
-from tests.test_prefix import TOL, _rollout
+import vrpo_pl.passes
+from tests.test_prefix import TOL, _rollout, adapters_off_zero
 from vrpo_pl.fused import adapter_pairs, fusable, fused_passes
 from vrpo_pl.lora import LoRASpec
 from vrpo_pl.models import TinyLM, build_models
-from vrpo_pl.rollout import micro_batch, response_logits, response_logprobs
+from vrpo_pl.passes import response_logits, response_logprobs
+from vrpo_pl.rollout import micro_batch
 from vrpo_pl.settings import CriticSettings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,11 +31,7 @@ def _models(vib: bool = True, critic_lora: LoRASpec | None = None, lora: LoRASpe
     critic = CriticSettings(vib=vib, aux="predict" if vib else "none")
     policy, _, value_model = build_models(source, torch.float32, lora, critic=critic,
                                           critic_lora=critic_lora or lora, share_base=share_base)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in [*policy.named_parameters(), *value_model.named_parameters()]:
-            if "lora_B" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    adapters_off_zero(policy, value_model)
     return source.tokenizer(), policy, value_model
 
 
@@ -168,14 +165,14 @@ def test_score_rollout_with_fused_passes_fills_the_same_fields(monkeypatch, fuse
     passes (in the update's attention either way), and the reference's and guide's fields are untouched; a slice
     the packed pass does not take gets the two passes."""
     from vrpo_pl.models import training_attention
-    from vrpo_pl.rollout import reference_guide, score_rollout
+    from vrpo_pl.passes import reference_guide, score_rollout
 
     tokenizer, policy, critic = _models()
     pairs = adapter_pairs(policy, critic)
     if fused_chunk == 64:
         monkeypatch.setattr(vrpo_pl.packing, "PACK_MAX_TOKENS", 40)
     calls = []
-    monkeypatch.setattr(vrpo_pl.rollout, "fused_passes", lambda *a, **k: calls.append(1) or fused_passes(*a, **k))
+    monkeypatch.setattr(vrpo_pl.passes, "fused_passes", lambda *a, **k: calls.append(1) or fused_passes(*a, **k))
     fields = {}
     for fused in (True, False):
         r = _rollout(tokenizer, samples=2)

@@ -16,15 +16,14 @@ from torch.testing import assert_close
 from vrpo_pl.critic import ValueHead, ValueModel
 from vrpo_pl.lora import LoRASpec, apply_lora
 from vrpo_pl.models import TinyLM, copy_backbone
+from vrpo_pl.passes import response_logits, score_rollout
 from vrpo_pl.prefix import find_shared_prompts, supports_shared_prefix
 from vrpo_pl.rollout import (
     PromptSettings,
     Rollout,
     micro_batch,
     position_ids_from_mask,
-    response_logits,
     response_mask,
-    score_rollout,
     split_micro_batches,
     tokenize_prompts,
 )
@@ -46,12 +45,19 @@ def models():
     policy = apply_lora(lm, spec, causal_lm=True)
     critic = ValueModel(apply_lora(body, spec, causal_lm=False),
                         ValueHead(lm.config.hidden_size, vib=True, latent_dim=8, aux_targets=2))
+    adapters_off_zero(policy, critic)
+    return source.tokenizer(), policy, critic
+
+
+def adapters_off_zero(*models: torch.nn.Module) -> None:
+    """Moves the models' LoRA B matrices off zero (seeded), so the adapters change the function and every adapter
+    matrix gets a gradient."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in [*policy.named_parameters(), *critic.named_parameters()]:
-            if "lora_B" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
-    return source.tokenizer(), policy, critic
+        for model in models:
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=generator))
 
 
 def _rollout(tokenizer, samples: int, num_response: int = 6, seed: int = 0) -> Rollout:
@@ -437,7 +443,7 @@ def test_score_rollout_normalizes_the_reference_logits_once_for_its_guide(models
     surprisal come from one normalization of its logits (two per slice: the policy's and the reference's); at
     another temperature the guide's untempered targets need a third. The fields are those of separate calls."""
     import vrpo_pl.logprobs
-    from vrpo_pl.rollout import guide_targets, reference_guide
+    from vrpo_pl.passes import guide_targets, reference_guide
 
     tokenizer, policy, critic = models
     calls = []

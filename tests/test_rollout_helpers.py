@@ -7,7 +7,8 @@ import torch
 from torch.distributions import Categorical
 from torch.testing import assert_close
 
-from vrpo_pl.rollout import guide_targets, position_ids_from_mask, response_mask
+from vrpo_pl.passes import guide_targets
+from vrpo_pl.rollout import position_ids_from_mask, response_mask
 
 
 @pytest.mark.parametrize(
@@ -121,7 +122,8 @@ def _tiny_prompts():
 def test_sampler_logprobs_match_a_full_forward_pass(backend, temperature):
     """The log-probs taken from the sampler's logits are those a second pass of the policy computes (fp32, left
     padding, temperature), so the rollout can skip that pass."""
-    from vrpo_pl.rollout import GenerationSettings, response_logits, response_logprobs
+    from vrpo_pl.passes import response_logits, response_logprobs
+    from vrpo_pl.rollout import GenerationSettings
     from vrpo_pl.sampling import make_sampler
 
     tokenizer, policy, input_ids, prompt_mask = _tiny_prompts()

@@ -16,13 +16,8 @@ import importlib.util
 import pytest
 import torch
 
-from vrpo_pl.rollout import (
-    GenerationSettings,
-    position_ids_from_mask,
-    response_logits,
-    response_logprobs,
-    response_mask,
-)
+from vrpo_pl.passes import response_logits, response_logprobs
+from vrpo_pl.rollout import GenerationSettings, position_ids_from_mask, response_mask
 from vrpo_pl.sampling_vllm import weights_fingerprint
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,

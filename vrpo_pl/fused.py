@@ -19,7 +19,7 @@ are about 200-300 packed tokens. Over throughput.py's rollouts, passes over micr
 the time of two passes of 8 (2 Xeon cores, bf16); the fused call has that width, and the policy's and the critic's
 forward + backward took 0.81x the time of their two packed passes (``benchmarks/prefix_passes.py``'s ``fused_grad``;
 docs/performance.md, "Fused policy and critic passes"). The rollout's old log-probs and values use the same call
-(:func:`vrpo_pl.rollout.score_rollout`).
+(:func:`vrpo_pl.passes.score_rollout`).
 
 Only where it computes what the separate passes would: both models adapted by plain LoRA (no DoRA or other variant,
 no adapter bias, no dropout, one active adapter, not merged) on the same modules with the same rank, every other
@@ -167,7 +167,7 @@ def fused_passes(
 
     Returns:
         ``(logits, values)``: the policy's :class:`~vrpo_pl.logprobs.TokenLogits` as
-        :func:`vrpo_pl.rollout.response_token_logits` gives them, and the head's :class:`~vrpo_pl.critic.ValueOutput`
+        :func:`vrpo_pl.passes.response_token_logits` gives them, and the head's :class:`~vrpo_pl.critic.ValueOutput`
         as :meth:`ValueModel.forward` gives it.
     """
     packed = pack_rows(sequences, attention_mask, position_ids, num_response, share_prompts)
@@ -192,6 +192,5 @@ def fused_passes(
         for hook in hooks:
             hook.remove()
     logits = TokenLogits(out.logits.reshape(-1, out.logits.shape[-1]), index, packed.valid)
-    hidden = captured["hidden"][k:]
-    hidden = packed.spread(hidden.reshape(-1, hidden.shape[-1]), packed.pack * hidden.shape[1] + packed.column)
+    hidden = packed.spread_positions(captured["hidden"][k:])
     return logits, critic.head(hidden, sample=sample, noise=noise)

@@ -95,6 +95,10 @@ class PackedRows:
         """
         return spread_rows(outputs, index, self.valid)
 
+    def spread_positions(self, outputs: Tensor) -> Tensor:
+        """:meth:`spread` of per-position outputs of the packs, (K, N, ...) -> (B, A, ...): e.g. hidden states."""
+        return self.spread(outputs.flatten(0, 1), self.pack * outputs.shape[1] + self.column)
+
 
 def rows_are_packable(attention_mask: Tensor, num_response: int) -> bool:
     """Whether every row is a left-padded prompt of at least one token followed by a right-padded response.
@@ -229,7 +233,7 @@ def packed_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor, p
 
     Returns:
         :class:`~vrpo_pl.logprobs.TokenLogits`: the packs' kept logits, one row per kept output, and the row
-        predicting each response token (``.dense()``: (B, A, V) as :func:`vrpo_pl.rollout.response_logits`, zeros
+        predicting each response token (``.dense()``: (B, A, V) as :func:`vrpo_pl.passes.response_logits`, zeros
         at the positions past each response's end).
     """
     packed = pack_rows(sequences, attention_mask, position_ids, num_response, share_prompts)
@@ -249,5 +253,4 @@ def packed_hidden(backbone: nn.Module, sequences: Tensor, attention_mask: Tensor
     packed = pack_rows(sequences, attention_mask, position_ids, num_response, share_prompts)
     out = backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask(_mask_dtype(backbone)),
                    position_ids=packed.position_ids, use_cache=False)
-    hidden = out.last_hidden_state
-    return packed.spread(hidden.reshape(-1, hidden.shape[-1]), packed.pack * hidden.shape[1] + packed.column)
+    return packed.spread_positions(out.last_hidden_state)

@@ -14,7 +14,7 @@ pass computes every prompt G times. The shared pass instead
 
 The A positions of step 4 are exactly those whose outputs the plain pass keeps (the one predicting response token 0
 is the prompt's last position), so :func:`shared_prefix_logits` returns the (B, A, V) next-token logits of
-:func:`vrpo_pl.rollout.response_logits` and :func:`shared_prefix_hidden` the (B, A, H) hidden states a value head
+:func:`vrpo_pl.passes.response_logits` and :func:`shared_prefix_hidden` the (B, A, H) hidden states a value head
 reads, equal to the plain pass's up to float rounding (tested to 1e-5 in float32, values and LoRA gradients).
 
 A batch with no repeated prompt, or a model that is not a causal decoder (:func:`supports_shared_prefix`: a
@@ -152,7 +152,7 @@ def shared_prefix_logits(model: nn.Module, sequences: Tensor, attention_mask: Te
         shared: from :func:`find_shared_prompts` on these rows.
 
     Returns:
-        (B, A, V) logits, A = T - P; row t predicts response token t (as :func:`vrpo_pl.rollout.response_logits`).
+        (B, A, V) logits, A = T - P; row t predicts response token t (as :func:`vrpo_pl.passes.response_logits`).
     """
     num = sequences.shape[1] - 1 - shared.split
     # The prompt pass keeps one position of logits (transformers has no "none"); the rest keeps all A.

@@ -110,6 +110,11 @@ class PPOSettings:
     """Non-finite losses in a row after which the run stops; each one skips its optimizer step and is counted. Also
     the limit on rollout batches in a row skipped for a non-finite reward (``--model.rewards.on_nonfinite skip``)."""
 
+    @property
+    def micro_rows(self) -> int:
+        """Rows per micro-batch without a token budget: ``micro_batch_size``, or the whole mini-batch."""
+        return self.micro_batch_size or self.mini_batch_size
+
     def __post_init__(self) -> None:
         p = self
         _check("--model.ppo", [

@@ -52,17 +52,9 @@ from vrpo_pl.fused import adapter_pairs
 from vrpo_pl.lora import LoRASpec
 from vrpo_pl.metrics import PhaseTimer, rollout_metrics, sample_records
 from vrpo_pl.models import DType, LMSource, all_trained_by_lora, build_models, resolve_dtype, torch_dtype
+from vrpo_pl.passes import reference_guide, rows_per_forward, score_rollout
 from vrpo_pl.rewards.base import RewardFunction, call_reward, needs_groups
-from vrpo_pl.rollout import (
-    GenerationSettings,
-    PromptSettings,
-    Rollout,
-    decode_completions,
-    reference_guide,
-    rows_per_forward,
-    sample_rollout,
-    score_rollout,
-)
+from vrpo_pl.rollout import GenerationSettings, PromptSettings, Rollout, decode_completions, sample_rollout
 from vrpo_pl.sampling import make_sampler
 from vrpo_pl.scoring import count_skipped, score_batch, training_scores
 from vrpo_pl.settings import (
@@ -354,10 +346,10 @@ class RLSystem(pl.LightningModule):
         p = self.ppo
         budget = p.max_tokens_per_forward if self.device_mesh is None else None  # FSDP2: the same calls on every rank
         chunk = rows_per_forward(rollout.size, rollout.sequences.shape[1], budget,
-                                 default=p.micro_batch_size or p.mini_batch_size)
+                                 default=p.micro_rows)
         score_rollout(rollout, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
                       chunk=chunk, guide=guide, share_prefix=self.shares_prompts, pack=p.pack_rows,
-                      fused_pairs=self.fused_pairs, fused_chunk=p.micro_batch_size or p.mini_batch_size)
+                      fused_pairs=self.fused_pairs, fused_chunk=p.micro_rows)
         if rollout.guide_raw is not None:
             targets = self.guide_callback.finalize(rollout.guide_raw, rollout.mask)
             rollout.guide_targets, rollout.key = targets.standardized, targets.key
@@ -417,7 +409,7 @@ class RLSystem(pl.LightningModule):
         p = self.ppo
         score_rollout(r, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
                       chunk=r.size, guide=guide, share_prefix=self.shares_prompts, pack=p.pack_rows,
-                      fused_pairs=self.fused_pairs, fused_chunk=p.micro_batch_size or p.mini_batch_size)
+                      fused_pairs=self.fused_pairs, fused_chunk=p.micro_rows)
         return validation.token_view(r, gold, batch["prompt"], self.tokenizer, kl_estimator=self.kl.estimator,
                                      kl_coef=self.kl_coef, gamma=self.ppo.gamma, lam=self.ppo.lam)
 

@@ -25,14 +25,8 @@ from vrpo_pl.fused import fusable, fused_passes
 from vrpo_pl.logprobs import TokenLogits, logprobs_and_entropy
 from vrpo_pl.metrics import MetricAccumulator, PhaseTimer
 from vrpo_pl.models import training_attention
-from vrpo_pl.rollout import (
-    MicroBatch,
-    Rollout,
-    micro_batch,
-    mini_batch_order,
-    response_token_logits,
-    split_micro_batches,
-)
+from vrpo_pl.passes import response_token_logits
+from vrpo_pl.rollout import MicroBatch, Rollout, micro_batch, mini_batch_order, split_micro_batches
 from vrpo_pl.settings import CriticSettings, KLSettings, OptimSettings, PPOSettings
 
 
@@ -96,7 +90,7 @@ class PPOUpdate:
         train_policy = self.rollouts >= self.ppo.critic_warmup_rollouts
         metrics = MetricAccumulator(self.device)
         mini = self.ppo.mini_batch_size
-        micro = self.ppo.micro_batch_size or mini
+        micro = self.ppo.micro_rows
         critic_epochs = self.ppo.critic_epochs or self.ppo.epochs
         with distributed.no_ddp_sync(self.wrapped_model), training_attention(self.policy, self.critic):
             for epoch in range(max(self.ppo.epochs, critic_epochs if self.critic is not None else 0)):
