@@ -52,7 +52,7 @@ from vrpo_pl.fused import adapter_pairs
 from vrpo_pl.lora import LoRASpec
 from vrpo_pl.metrics import PhaseTimer, rollout_metrics, sample_records
 from vrpo_pl.models import DType, LMSource, all_trained_by_lora, build_models, resolve_dtype, torch_dtype
-from vrpo_pl.passes import reference_guide, rows_per_forward, score_rollout
+from vrpo_pl.passes import GuideFn, reference_guide, rows_per_forward, score_rollout
 from vrpo_pl.rewards.base import RewardFunction, call_reward, needs_groups
 from vrpo_pl.rollout import GenerationSettings, PromptSettings, Rollout, decode_completions, sample_rollout
 from vrpo_pl.sampling import make_sampler
@@ -324,6 +324,13 @@ class RLSystem(pl.LightningModule):
             return None
         return adapter_pairs(self.policy, self.critic)
 
+    def _score(self, r: Rollout, chunk: int, guide: GuideFn | None) -> None:
+        """The rollout's no-gradient passes (:func:`vrpo_pl.passes.score_rollout`) in slices of ``chunk`` rows, with
+        the run's prompt sharing, packing and fused passes."""
+        score_rollout(r, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
+                      chunk=chunk, guide=guide, share_prefix=self.shares_prompts, pack=self.ppo.pack_rows,
+                      fused_pairs=self.fused_pairs, fused_chunk=self.ppo.micro_rows)
+
     def _count_rollout(self) -> None:
         """Advances the rollout counter and makes ``trainer.global_step`` follow it.
 
@@ -347,9 +354,7 @@ class RLSystem(pl.LightningModule):
         budget = p.max_tokens_per_forward if self.device_mesh is None else None  # FSDP2: the same calls on every rank
         chunk = rows_per_forward(rollout.size, rollout.sequences.shape[1], budget,
                                  default=p.micro_rows)
-        score_rollout(rollout, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
-                      chunk=chunk, guide=guide, share_prefix=self.shares_prompts, pack=p.pack_rows,
-                      fused_pairs=self.fused_pairs, fused_chunk=p.micro_rows)
+        self._score(rollout, chunk, guide)
         if rollout.guide_raw is not None:
             targets = self.guide_callback.finalize(rollout.guide_raw, rollout.mask)
             rollout.guide_targets, rollout.key = targets.standardized, targets.key
@@ -405,11 +410,7 @@ class RLSystem(pl.LightningModule):
         """Per-token quantities of greedy responses, for the key-token view (``KeyTokenView`` callback); the
         records are :func:`vrpo_pl.validation.token_view`'s."""
         r, gold, _ = self._greedy(batch, "the key-token view's validation prompts")
-        guide = self.guide_callback.raw_targets if self.guide_callback is not None else reference_guide
-        p = self.ppo
-        score_rollout(r, self.policy, self.reference, self.critic, temperature=self.generation.temperature,
-                      chunk=r.size, guide=guide, share_prefix=self.shares_prompts, pack=p.pack_rows,
-                      fused_pairs=self.fused_pairs, fused_chunk=p.micro_rows)
+        self._score(r, r.size, self.guide_callback.raw_targets if self.guide_callback is not None else reference_guide)
         return validation.token_view(r, gold, batch["prompt"], self.tokenizer, kl_estimator=self.kl.estimator,
                                      kl_coef=self.kl_coef, gamma=self.ppo.gamma, lam=self.ppo.lam)
 
