@@ -4,7 +4,7 @@ One ``training_step`` consumes one rollout batch and runs, in order:
 
 1. rollout: sample responses; log-probs of the policy and the reference, the guide's entropy/surprisal (from the
    reference pass when the guide is the reference) and the critic's values, all without gradients
-   (:mod:`vrpo_pl.rollout`);
+   (:mod:`vrpo_pl.rollout`, :mod:`vrpo_pl.passes`);
 2. score: the reward function's training reward and, beside it, the gold reward (:mod:`vrpo_pl.scoring`);
 3. shape: the KL penalty, per token in the reward (PPO/VRPO) or in the loss (GRPO);
 4. advantages: GAE + whitening (PPO/VRPO) or group normalization (GRPO) (:mod:`vrpo_pl.advantages`);
