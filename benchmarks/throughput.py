@@ -27,7 +27,9 @@ slice's prompts as the system's do, and so does its sampler's prefill. ``--no-sh
 plain passes (``benchmarks/prefix_passes.py``: pass by pass). ``--pack-rows`` (on by default, as in the system:
 ``--model.ppo.pack_rows``) makes those passes packed calls over the real tokens, the lower bound's too;
 ``--fuse-update`` (on by default: ``--model.ppo.fuse_update``) runs each micro-batch's policy and critic passes as one
-call where the system does, timed as the "fused update" phase (both models' optimizer steps), the lower bound's too.
+call where the system does, timed as the "fused update" phase (both models' optimizer steps), the lower bound's too;
+``--lean-decode`` (on by default: ``--model.generation.lean_decode``) runs the ``loop`` sampler's decode steps through
+:mod:`vrpo_pl.decode` (the lower bound calls the same sampler).
 
 The compute bound is what the machine's matrix units need for the step's arithmetic: FLOPs counted from the
 token counts of each pass (:func:`step_flops`: 2 x the body's parameters per token of every forward pass, 2 x more
@@ -116,7 +118,8 @@ def cli_args(algorithm: str, args: argparse.Namespace, backend: str = "loop") ->
            "--model.ppo.share_prompt_prefix", str(args.share_prompt_prefix).lower(),
            "--model.generation.share_prompt_prefill", str(args.share_prompt_prefix).lower(),
            "--model.ppo.pack_rows", str(args.pack_rows).lower(),
-           "--model.ppo.fuse_update", str(args.fuse_update).lower()]
+           "--model.ppo.fuse_update", str(args.fuse_update).lower(),
+           "--model.generation.lean_decode", str(args.lean_decode).lower()]
     if args.tiny:
         out += ["--data.source.init_args.path", str(REPO_ROOT / "configs" / "data" / "arithmetic.jsonl")]
     if args.tiny and "vllm" in args.backends:  # vLLM's CPU attention needs head_dim 64, not TinyLM's default 16
@@ -693,6 +696,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="--model.ppo.pack_rows (the lower bound's frozen and update passes follow it)")
     p.add_argument("--fuse-update", action=argparse.BooleanOptionalAction, default=True,
                    help="--model.ppo.fuse_update (the lower bound's update passes follow it)")
+    p.add_argument("--lean-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="--model.generation.lean_decode (the lower bound calls the same sampler)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure each row in a fresh process (exact peak RSS on the CPU)")
@@ -752,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens drawn by {args.draw or GenerationSettings().draw}, "
               f"shared prompt prefix {'on' if args.share_prompt_prefix else 'off'}, "
               f"packed rows {'on' if args.pack_rows else 'off'}, "
-              f"fused update passes {'on' if args.fuse_update else 'off'}"
+              f"fused update passes {'on' if args.fuse_update else 'off'}, "
+              f"lean decode steps {'on' if args.lean_decode else 'off'}"
               f"\n\n{device}, precision {args.precision}, {args.iters} measured rollout "
               f"batches after 1 warm-up. Command: `python benchmarks/throughput.py {' '.join(argv)}`")
     peaks = {name: matmul_peak(name, device="cuda" if args.accelerator in ("gpu", "cuda") else "cpu")

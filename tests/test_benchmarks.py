@@ -394,14 +394,16 @@ def test_robustness_report_pools_the_noisy_cells(benchmarks):
 def test_throughput_names_the_systems_draw_and_passes(benchmarks):
     """The measured run draws tokens as the system's default does, not as configs/quickstart.yaml pins them (its
     documented run reproduces with multinomial draws), unless --draw says otherwise; --no-pack-rows reaches the
-    system, and so do --no-fuse-update."""
+    system, and so do --no-fuse-update and --no-lean-decode."""
     from vrpo_pl.rollout import GenerationSettings
 
     throughput = benchmarks["throughput"]
     command = throughput.cli_args("ppo", throughput.parse_args([]))
     assert value(command, "--model.generation.draw") == GenerationSettings().draw == "cdf"
     assert value(command, "--model.ppo.pack_rows") == value(command, "--model.ppo.fuse_update") == "true"
+    assert value(command, "--model.generation.lean_decode") == "true"
     command = throughput.cli_args("ppo", throughput.parse_args(["--draw", "multinomial", "--no-pack-rows",
-                                                                 "--no-fuse-update"]))
+                                                                 "--no-fuse-update", "--no-lean-decode"]))
     assert value(command, "--model.generation.draw") == "multinomial"
     assert value(command, "--model.ppo.pack_rows") == value(command, "--model.ppo.fuse_update") == "false"
+    assert value(command, "--model.generation.lean_decode") == "false"

@@ -66,6 +66,12 @@ class GenerationSettings:
     """``loop`` only: prefill each distinct prompt of the batch once (the G samples of a prompt are G copies of it)
     and copy its KV cache and last logits to its rows before decoding (:mod:`vrpo_pl.prefix`; our choice). Same
     tokens for a seed, to float rounding; a batch without a repeated prompt (validation) prefills as before."""
+    lean_decode: bool = True
+    """``loop`` only: run the decode steps of a Llama-architecture policy (SmolLM2) through :mod:`vrpo_pl.decode`:
+    each LoRA projection's adapter merged into a temporary copy of its weight, a preallocated KV cache, fewer
+    operator calls per layer (our choice). Same logits to rounding (bf16: the merged weights round once more, so
+    the tokens drawn for a seed can differ from ``false``'s). Other models, and false: the model's forward each
+    step."""
     draw: Literal["cdf", "multinomial"] = "cdf"
     """``loop`` only: how a token is drawn from a step's probabilities. ``cdf``: one uniform number per row, looked
     up in the cumulative probabilities (inverse transform sampling; our choice): the same distribution, and on a

@@ -145,6 +145,8 @@ class LoopSampler(Sampler):
                with_logprobs=False):
         from transformers import DynamicCache
 
+        from vrpo_pl.decode import LeanDecoder
+
         batch, prompt = input_ids.shape
         device, total = input_ids.device, prompt + settings.max_new_tokens
         eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
@@ -155,6 +157,10 @@ class LoopSampler(Sampler):
         mask[:, :prompt] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = _prefill(policy, input_ids, mask[:, :prompt], positions, cache, settings.share_prompt_prefill)
+        lean = LeanDecoder.build(policy) if settings.lean_decode else None
+        if lean is not None:  # the steps write into the lean decoder's own buffers from here on
+            lean.start(cache, total)
+            cache = None
         position = positions[:, -1:]
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         tokens, logps = [], []
@@ -162,8 +168,8 @@ class LoopSampler(Sampler):
             if greedy:
                 token = logits.argmax(-1)
             else:
-                token = draw_tokens(top_p_filter(logits.float() / settings.temperature, settings.top_p),
-                                    settings.draw)
+                scores = logits.float() if settings.temperature == 1 else logits.float() / settings.temperature
+                token = draw_tokens(top_p_filter(scores, settings.top_p), settings.draw)
             token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
             tokens.append(token)
             if with_logprobs:
@@ -172,6 +178,9 @@ class LoopSampler(Sampler):
             if step == settings.max_new_tokens - 1 or not bool(unfinished.any()):
                 break
             position = position + 1
+            if lean is not None:
+                logits = lean.step(token, position, mask[:, : prompt + step + 1])
+                continue
             logits = policy(input_ids=token[:, None], attention_mask=mask[:, : prompt + step + 1],
                             position_ids=position, past_key_values=cache, use_cache=True).logits[:, -1]
         responses = torch.stack(tokens, dim=1)
