@@ -19,7 +19,7 @@ import pytest
 def benchmarks(repo_root):
     """The scripts under benchmarks/ loaded as modules (they are scripts, not a package)."""
     modules = {}
-    for name in ("robustness", "throughput", "peer_trl", "prefix_passes"):
+    for name in ("robustness", "throughput", "peer_trl", "prefix_passes", "decode_steps"):
         spec = importlib.util.spec_from_file_location(f"benchmark_{name}", repo_root / "benchmarks" / f"{name}.py")
         modules[name] = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = modules[name]  # dataclasses look their module up there
@@ -101,6 +101,23 @@ def test_robustness_variants_join_the_ablations(benchmarks, capsys, tmp_path):
         with pytest.raises(SystemExit):
             robustness.main([*argv, "--out", str(tmp_path), "--variants", "--dry-run"])
         assert "--variants" in capsys.readouterr().err
+
+
+def test_decode_steps_tiny_reports_both_variants_and_the_floor(benchmarks, tmp_path, single_thread):
+    """The decode microbenchmark times the lean steps and the model's own forward over the same prompts, and the
+    matrix floor of a step; bad arguments stop it with the flag named."""
+    out = tmp_path / "decode.md"
+    decode_steps = benchmarks["decode_steps"]
+    assert decode_steps.main(["--tiny", "--rounds", "1", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
+                              "--out", str(out)]) == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.read_text().splitlines()
+            if line.startswith("| lean") or line.startswith("| the model's")}
+    assert set(rows) == {"lean (vrpo_pl.decode)", "the model's forward"}
+    for cells in rows.values():
+        total, prefill, step, floor, ratio = (float(c) for c in cells)
+        assert 0 < prefill < total and step > 0 and floor > 0 and ratio > 0
+    with pytest.raises(SystemExit):
+        decode_steps.parse_args(["--new-tokens", "1"])
 
 
 def test_prefix_passes_tiny_reports_every_pass(benchmarks, tmp_path, single_thread):
