@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
+    passes = _sibling("prefix_passes")
+    start = passes.load_line(passes.busy_cores())  # before this process adds its own threads
     if args.threads:
         torch.set_num_threads(args.threads)
-    passes = _sibling("prefix_passes")
     tokenizer, policy, input_ids, attention_mask = build(args)
     variants = {"lean (vrpo_pl.decode)": True, "the model's forward": False}
     times: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"# Decode steps: {model} + LoRA r=16 (q/k/v/o), {input_ids.shape[0]} rows "
               f"({args.prompts} prompts x {args.samples}), prompts of {input_ids.shape[1]} tokens (left-padded), "
               f"{args.new_tokens} new tokens, {args.dtype} weights\n\n"
-              f"{passes.machine_line()}; {passes.load_line()}. Command: `python benchmarks/decode_steps.py "
+              f"{passes.machine_line()}; at start: {start}. Command: `python benchmarks/decode_steps.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`")
     text = report(times, floor, args, header)
     print(text)

@@ -21,8 +21,10 @@ rows in every variant (``plain``: every row computes its prompt and padding; ``s
   after the other: compare it with ``policy_grad`` + ``critic_grad`` of the same variant.
 
 Rounds rotate over the variants (A B C, B C A, ...) after one warm-up round of each, so contention drifts over all
-alike; medians are reported with the tokens each pass feeds the model. Before timing it prints the CPU, the load average
-and whether ``/work/scratch/BUSY`` is present (another job on the machine): figures taken under load are contended.
+alike; medians are reported with the tokens each pass feeds the model. Before timing it prints the CPU, the load
+average, whether ``/work/scratch/BUSY`` is present (another job on the machine) and how many cores other processes
+kept busy over one second while it slept (:func:`busy_cores`; the load average trails by a minute, so it still counts
+a benchmark that has just ended): figures taken with other work running are contended.
 On a loaded 2-core machine use ``--threads 1``: with torch's 2 threads every small operator waits for the busy core
 (measured: ~5 ms per elementwise op instead of ~50 us), so the shared pass, which calls the model twice, measured
 slower than the plain one (16.7 s against 10.8 s for one micro-batch) while with 1 thread it was faster (1.6 s
@@ -64,11 +66,33 @@ def machine_line() -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
-def load_line() -> str:
-    """The 1-minute load average and whether ``/work/scratch/BUSY`` (another job running) is present."""
+def busy_cores(seconds: float = 1.0) -> float | None:
+    """How many cores were busy over the next ``seconds`` while this process sleeps: the work of other processes
+    (and a VM's stolen time), from ``/proc/stat``; None where it cannot be read. Unlike the load average, which
+    trails by a minute, it does not count a benchmark that has just ended."""
+    def snapshot() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(values), values[3] + values[4]  # all jiffies, idle + iowait
+
+    try:
+        total, idle = snapshot()
+        time.sleep(seconds)
+        total_after, idle_after = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    spent = total_after - total
+    return (os.cpu_count() or 1) * (1 - (idle_after - idle) / spent) if spent > 0 else None
+
+
+def load_line(busy: float | None = None) -> str:
+    """The 1-minute load average, whether ``/work/scratch/BUSY`` (another job running) is present and, when given,
+    ``busy`` (:func:`busy_cores`) with a contention mark above half a core."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    contended = " (contended: load > 1)" if load > 1 else ""
-    return f"load average {load:.2f}{contended}, {BUSY} {'present' if BUSY.exists() else 'absent'}"
+    line = f"load average {load:.2f}, {BUSY} {'present' if BUSY.exists() else 'absent'}"
+    if busy is not None:
+        contended = " (contended)" if busy > 0.5 else ""
+        line += f", {busy:.2f} of {os.cpu_count()} cores busy with other work over 1 s{contended}"
+    return line
 
 
 def build(args: argparse.Namespace):
@@ -258,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
-    start = load_line()  # before this process adds its own threads to the load average
+    start = load_line(busy_cores())  # before this process adds its own threads
     if args.threads:
         torch.set_num_threads(args.threads)
     _, policy, critic, r = build(args)

@@ -103,6 +103,19 @@ def test_robustness_variants_join_the_ablations(benchmarks, capsys, tmp_path):
         assert "--variants" in capsys.readouterr().err
 
 
+def test_pass_benchmarks_measure_other_work_before_timing(benchmarks):
+    """The header's contention mark comes from the cores other processes kept busy over a short window (not from
+    the load average, which still counts a benchmark that has just ended)."""
+    import os
+
+    passes = benchmarks["prefix_passes"]
+    busy = passes.busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
+    assert "(contended)" in passes.load_line(1.5) and "(contended)" not in passes.load_line(0.1)
+    assert "cores busy" in passes.load_line(0.1) and "cores busy" not in passes.load_line()
+    assert "load average" in passes.load_line() and "contended" not in passes.load_line()
+
+
 def test_decode_steps_tiny_reports_both_variants_and_the_floor(benchmarks, tmp_path, single_thread):
     """The decode microbenchmark times the lean steps and the model's own forward over the same prompts, and the
     matrix floor of a step; bad arguments stop it with the flag named."""

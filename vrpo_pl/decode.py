@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vrpo_pl.compile import is_compiled
+from vrpo_pl.lora import adapter_weights, single_adapter
 
 
 def effective_weight(linear: nn.Module) -> Tensor | None:
@@ -51,8 +52,6 @@ def effective_weight(linear: nn.Module) -> Tensor | None:
     """
     from peft.tuners.lora import Linear as LoraLinear
 
-    from vrpo_pl.fused import _adapter_weights, _single_adapter
-
     if type(linear) is nn.Linear:
         weight = linear.weight
         return weight if linear.bias is None and type(weight.data) is Tensor else None
@@ -63,10 +62,10 @@ def effective_weight(linear: nn.Module) -> Tensor | None:
         return None
     if linear.disable_adapters or not linear.active_adapters:
         return base
-    if _single_adapter(linear) is None:
+    if single_adapter(linear) is None:
         return None
-    a, b = _adapter_weights(linear)
     with torch.no_grad():
+        a, b = adapter_weights(linear)
         return torch.addmm(base.float(), b.float(), a.float()).to(base.dtype)
 
 

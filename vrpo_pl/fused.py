@@ -40,25 +40,8 @@ from torch import Tensor, nn
 from vrpo_pl.compile import is_compiled
 from vrpo_pl.critic import ValueModel, ValueOutput
 from vrpo_pl.logprobs import TokenLogits
+from vrpo_pl.lora import adapter_weights, single_adapter
 from vrpo_pl.packing import _mask_dtype, pack_rows, packable
-
-
-def _single_adapter(layer: nn.Module) -> str | None:
-    """The name of a peft LoRA linear's one active adapter when it is plain LoRA (no variant such as DoRA, no bias,
-    no dropout, not merged or disabled), else None."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    if type(layer) is not LoraLinear or layer.merged or layer.disable_adapters or len(layer.active_adapters) != 1:
-        return None
-    name = layer.active_adapters[0]
-    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
-        return None
-    a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if a.bias is not None or b.bias is not None:
-        return None
-    if not (isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and dropout.p == 0)):
-        return None
-    return name
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -92,7 +75,7 @@ def adapter_pairs(policy: nn.Module, critic: ValueModel | None) -> list[tuple[nn
             return None
         if not mine_lora:
             continue
-        a, b = _single_adapter(mine), _single_adapter(other)
+        a, b = single_adapter(mine), single_adapter(other)
         if a is None or b is None or mine.base_layer.weight is not other.base_layer.weight:
             return None
         if (mine.r[a] != other.r[b] or mine.lora_A[a].weight.dtype != other.lora_A[b].weight.dtype
@@ -107,19 +90,13 @@ def adapter_pairs(policy: nn.Module, critic: ValueModel | None) -> list[tuple[nn
     return pairs or None
 
 
-def _adapter_weights(layer: nn.Module) -> tuple[Tensor, Tensor]:
-    """A plain LoRA linear's ``(A, B * scaling)``: (r, in) and (out, r)."""
-    name = layer.active_adapters[0]
-    return layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name]
-
-
 def _two_adapter_forward(mine: nn.Module, other: nn.Module):
     """A forward for ``mine`` over a batch whose first half ``mine``'s adapter adapts and second half ``other``'s:
     the frozen weight once over both halves, the two adapters in one batched product each."""
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = mine.base_layer(x, *args, **kwargs)
-        (a1, b1), (a2, b2) = _adapter_weights(mine), _adapter_weights(other)
+        (a1, b1), (a2, b2) = adapter_weights(mine), adapter_weights(other)
         if mine.cast_input_dtype_enabled:  # peft's float32 adapters (LoRASpec.compute = "float32")
             x = x.to(a1.dtype)
         halves = x.reshape(2, -1, x.shape[-1])

@@ -1,5 +1,6 @@
-"""LoRA: the adapters' settings (:class:`LoRASpec`, ``--model.lora`` and ``--model.critic_lora``) and wrapping a
-model with them (:func:`apply_lora`, peft)."""
+"""LoRA: the adapters' settings (:class:`LoRASpec`, ``--model.lora`` and ``--model.critic_lora``), wrapping a
+model with them (:func:`apply_lora`, peft), and reading a plain LoRA linear's adapter (:func:`single_adapter`,
+:func:`adapter_weights`: what the fused passes and the lean decode steps multiply by)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,27 @@ def adapters_in_input_dtype(model: nn.Module) -> nn.Module:
                     if type(matrix) is nn.Linear:
                         matrix.__class__ = InputDtypeLinear
     return model
+
+
+def single_adapter(layer: nn.Module) -> str | None:
+    """The name of a peft LoRA linear's one active adapter when it is plain LoRA (no variant such as DoRA, no bias,
+    no dropout, not merged or disabled), else None."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if type(layer) is not LoraLinear or layer.merged or layer.disable_adapters or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
+        return None
+    a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if a.bias is not None or b.bias is not None:
+        return None
+    if not (isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and dropout.p == 0)):
+        return None
+    return name
+
+
+def adapter_weights(layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """A plain LoRA linear's ``(A, B * scaling)``: (r, in) and (out, r)."""
+    name = layer.active_adapters[0]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name]

@@ -9,8 +9,8 @@ read the policy itself and need nothing). Chosen by ``--model.generation.backend
   distinct prompt once, its cache copied to the G rows that repeat it: ``share_prompt_prefill``), the KV cache grows
   by one position per step, and each step samples straight from its last logits: no logits processors or stopping
   criteria. For a Llama-architecture policy the steps after the prefill run through :mod:`vrpo_pl.decode`
-  (``lean_decode``: adapters merged into temporary weights, a preallocated KV cache, fewer operator calls; 55
-  against 94 ms per 32-row step of SmolLM2 + LoRA in bf16, Intel Xeon with AMX). Measured without them on SmolLM2 +
+  (``lean_decode``: adapters merged into temporary weights, a preallocated KV cache, fewer operator calls; 59
+  against 91 ms per 32-row step of SmolLM2 + LoRA in bf16, Intel Xeon with AMX). Measured without them on SmolLM2 +
   LoRA, 32 x 32 tokens, bf16, 2 cores: with ``multinomial`` draws within 5% of ``generate`` (AMD EPYC: 4.6-5.0 s
   against 4.8-5.3 s; a preallocated static cache was slower, 5.2-5.3 s), with inverse transform draws (below) 2.5 s
   against 3.5 s (Intel Xeon with AMX). Neither compiling the layers' blocks for the decode steps (2.8 s) nor
