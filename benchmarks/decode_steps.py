@@ -125,15 +125,7 @@ def report(times: dict[str, list[dict[str, float]]], floor: float, args: argpars
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="TinyLM instead of SmolLM2-135M-Instruct")
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--samples", type=int, default=4, help="samples per prompt (G)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3, help="measured rounds of each variant (after one warm-up)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
+    p = _sibling("prefix_passes").workload_parser(__doc__.split("\n\n")[0], new_tokens=32, dtype="bfloat16")
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.rounds < 1:
         p.error("--new-tokens must be >= 2 and --rounds >= 1")

@@ -261,20 +261,27 @@ def report(times: dict, r, chunk: int, args: argparse.Namespace, header: str) ->
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def workload_parser(description: str, new_tokens: int, dtype: str) -> argparse.ArgumentParser:
+    """The arguments this script and ``decode_steps.py`` share: the model, prompts x samples, new tokens, rounds,
+    the weights' dtype, threads and the report's file."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--tiny", action="store_true", help="TinyLM instead of SmolLM2-135M-Instruct")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--samples", type=int, default=4, help="samples per prompt (G)")
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=new_tokens)
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds of each variant (after one warm-up)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=dtype)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = workload_parser(__doc__.split("\n\n")[0], new_tokens=16, dtype="float32")
     p.add_argument("--chunk", type=int, default=8, help="rows per micro-batch (the base workload's mini-batch)")
-    p.add_argument("--rounds", type=int, default=3, help="measured rounds of each setting (after one warm-up)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--pack-tokens", type=int, nargs="*", default=None, metavar="N",
                    help="pack sizes of the packed variants (default: vrpo_pl.packing.PACK_TOKENS; none: no packed "
                         "variant)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
     return p.parse_args(argv)
 
 
