@@ -38,7 +38,10 @@ gradients, the LM head only where logits are computed; attention scores and the 
 divided by the matrix-multiply peak measured in the same run (:func:`matmul_peak`, fp32 and bf16; the one that
 matches ``--precision``). ``x bound`` = seconds per rollout batch / that time: the figure to drive down. The
 FLOPs are those of the plain passes (every row computes its prompt): sharing prompts removes some of them, which
-shows as a lower ``x bound``.
+shows as a lower ``x bound``. A second table splits it by phase (:func:`phase_flops`: generation, the no-gradient
+passes with scoring, the update), each phase's seconds over its own arithmetic, to show where the gap is; a decode
+step reads every weight for a few rows, so generation's is memory-bound, far above its arithmetic
+(``benchmarks/decode_steps.py`` measures its matrix floor).
 
     python benchmarks/throughput.py                                   # CPU, SmolLM2, base size
     python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --size large --out runs/bench/tp.md
@@ -223,8 +226,9 @@ def matmul_peak(dtype_name: str, threads: int | None = None, device: str = "cpu"
     return 2 * 2560 * 576 * 1536 / best
 
 
-def step_flops(system, r) -> float:
-    """Matrix FLOPs one rollout batch needs: every pass's real (non-padding) tokens x 2 x the parameters it uses.
+def phase_flops(system, r) -> dict[str, float]:
+    """Matrix FLOPs one rollout batch needs, by phase (``generation``, ``frozen``: the no-gradient passes,
+    ``update``): every pass's real (non-padding) tokens x 2 x the parameters it uses.
 
     Body = the decoder's linear layers (the embedding lookup is no matmul); the LM head (vocabulary x hidden) counts
     only where logits are computed. Trained passes add 2 x (body + head) per token for activation gradients and,
@@ -244,14 +248,13 @@ def step_flops(system, r) -> float:
     tokens = float(r.attention_mask.sum())  # prompt + response, per pass over the whole sequences
     prompt = float(r.attention_mask[:, : r.prompt_width].sum())
     response = float(r.mask.sum())
-    size = r.size
     train_factor = 2.0 if system.lora_spec is not None else 4.0  # backward on top of the forward's 2
-    flops = 2 * body * prompt + 2 * head * size  # prefill, logits at the last prompt position
-    flops += 2 * (body + head) * response  # decode steps
-    frozen = 1 + (0 if system.sampler_logprobs else 1)  # reference (+ the policy's own pass)
-    flops += frozen * 2 * (body * tokens + head * response)
+    # Prefill (logits at the last prompt position only), then the decode steps.
+    generation = 2 * body * prompt + 2 * head * r.size + 2 * (body + head) * response
+    passes = 1 + (0 if system.sampler_logprobs else 1)  # reference (+ the policy's own pass)
+    frozen = passes * 2 * (body * tokens + head * response)
     epochs, critic_epochs = system.ppo.epochs, system.ppo.critic_epochs or system.ppo.epochs
-    flops += epochs * (2 + train_factor) * (body * tokens + head * response)  # policy update
+    update = epochs * (2 + train_factor) * (body * tokens + head * response)  # policy update
     if system.critic is not None:
         spec = system.critic_lora_spec
         # LoRA: the backward pass computes activation gradients (2 per weight and token) down to the lowest adapted
@@ -259,8 +262,14 @@ def step_flops(system, r) -> float:
         top = None if spec is None else spec.top_layers
         fraction = 1.0 if top is None else top / num_layers_of(system.critic.backbone)
         critic_train = 2.0 * fraction if spec is not None else 4.0
-        flops += 2 * body * tokens + critic_epochs * (2 + critic_train) * body * tokens  # values, update
-    return flops
+        frozen += 2 * body * tokens  # the values
+        update += critic_epochs * (2 + critic_train) * body * tokens
+    return {"generation": generation, "frozen": frozen, "update": update}
+
+
+def step_flops(system, r) -> float:
+    """Matrix FLOPs of one rollout batch: the sum of :func:`phase_flops`."""
+    return sum(phase_flops(system, r).values())
 
 
 def vllm_generate(llm, prompt_ids, prompt_mask, num: int, g) -> None:
@@ -478,6 +487,8 @@ def measure(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> 
             "other": it["iteration"] - it["rollout"] - it["score"] - it.get("update_policy", 0.0)
             - it.get("update_critic", 0.0) - it.get("update_fused", 0.0)})
     record["flops"] = statistics.median(step_flops(system, cap["rollout"]) for cap in timer.captures[1:])
+    by_phase = [phase_flops(system, cap["rollout"]) for cap in timer.captures[1:]]
+    record["phase_flops"] = {k: statistics.median(p[k] for p in by_phase) for k in by_phase[0]}
     record["dtype"] = str(system.model_dtype).removeprefix("torch.")
     del cli, system, trainer, timer
     gc.collect()
@@ -552,6 +563,11 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                    "| algorithm | generation | frozen passes | scoring | policy update | critic update | fused update "
                    "| total |",
                    "|---|" + "---:|" * 7]
+    phase_lines = ["", "Compute bound by phase (the phase's seconds over its own arithmetic at the same peak; "
+                   "no-gradient passes include scoring, the update the policy's, critic's and fused steps):", "",
+                   "| algorithm | generation s | its bound s | x | no-gradient passes s | their bound s | x | update s "
+                   "| its bound s | x |",
+                   "|---|" + "---:|" * 9]
     for rec in records:
         if "framework" not in rec:
             lines.append(f"| {rec['algorithm']} (reference) |" + " |" * 13 + f" {_mb(rec['peak_bytes'])} | | | | |")
@@ -569,6 +585,16 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
         cells += [f"{rec['flops'] / 1e12:.2f}", f"{compute:.3f}", f"**{it / compute:.1f}**",
                   f"{rec.get('warmup_s', float('nan')):.1f}"]
         lines.append(f"| {_label(rec)} | " + " | ".join(cells) + " |")
+        if "phase_flops" in rec:
+            peak = peaks["bf16" if bf16 else "fp32"]
+            seconds = {"generation": gen, "frozen": _median(fw, "frozen") + _median(fw, "score"),
+                       "update": sum(_median(fw, k) for k in ("update_policy", "update_critic", "update_fused"))}
+            phase_cells = []
+            for phase in ("generation", "frozen", "update"):
+                floor = rec["phase_flops"][phase] / peak
+                phase_cells += [f"{seconds[phase]:.3f}", f"{floor:.4g}",
+                                f"**{seconds[phase] / floor:.1f}**" if floor > 0 else "-"]
+            phase_lines.append(f"| {_label(rec)} | " + " | ".join(phase_cells) + " |")
         bound_lines.append(f"| {_label(rec)} | " + " | ".join(f"{_median(lb, k):.3f}" for k in [*PHASES, "total"])
                            + " |")
     notes = ["", "Medians over the measured rollout batches (warm-up excluded). ratio = s / rollout batch divided by "
@@ -579,7 +605,7 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                  "torch.cuda.max_memory_allocated." if args.accelerator in ("gpu", "cuda") else
                  "peak RSS of a fresh process per row." if args.isolate else
                  "peak RSS sampled during the run (one shared process)."), ""]
-    return "\n".join(lines + bound_lines + notes + backend_table(records))
+    return "\n".join(lines + phase_lines + bound_lines + notes + backend_table(records))
 
 
 def _label(rec: dict) -> str:
@@ -618,12 +644,16 @@ def plot_report(report_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows: dict[str, dict[str, dict[str, float]]] = {}
-    section = "framework"
+    section: str | None = "framework"
     for line in report_path.read_text().splitlines():
         if line.startswith("Lower bound"):
             section = "bound"
+        elif line.startswith("Compute bound by phase"):
+            section = None  # not a phase table of seconds
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 6 or cells[0] in ("algorithm", "") or cells[0].startswith("---") or "reference" in cells[0]:
+        if section is None or len(cells) < 6 or cells[0] in ("algorithm", "") or cells[0].startswith("---"):
+            continue
+        if "reference" in cells[0]:
             continue
         try:
             width = 9 if section == "framework" else 7  # total + 6 phases + other; 6 phases

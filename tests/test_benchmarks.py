@@ -223,6 +223,20 @@ def test_throughput_tiny_reports_every_algorithm(benchmarks, tmp_path, single_th
     for algorithm, fuses in (("ppo", True), ("grpo", False), ("vrpo", True)):  # LoRA policy and critic: fused passes
         row = next(line for line in text.splitlines() if line.startswith(f"| {algorithm} |"))
         assert (float(row.split("|")[fused]) > 0) == fuses, row
+    # The compute bound by phase: each phase's seconds over its own arithmetic, the three bounds adding up to the
+    # step's compute bound.
+    main_cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+                  for line in text.split("Compute bound by phase")[0].splitlines() if line.startswith("| ")}
+    columns = main_cells["algorithm"]
+    phase_table = text.split("Compute bound by phase")[1].split("Lower bound")[0]
+    for algorithm in ("ppo", "grpo", "vrpo"):
+        cells = next([c.strip() for c in line.split("|")[1:-1]] for line in phase_table.splitlines()
+                     if line.startswith(f"| {algorithm} |"))
+        bounds = [float(cells[i]) for i in (2, 5, 8)]
+        row = main_cells[algorithm]
+        step_bound = float(row[columns.index("s / rollout batch")]) / float(row[columns.index("x bound")].strip("*"))
+        assert all(b > 0 for b in bounds) and sum(bounds) == pytest.approx(step_bound, rel=0.02), (cells, step_bound)
+        assert float(cells[1]) == pytest.approx(float(main_cells[algorithm][columns.index("generation")]), abs=1e-3)
     png = out.with_suffix(".png")
     assert png.stat().st_size > 10_000, "the phase plot was not drawn"
     png.unlink()
@@ -333,6 +347,16 @@ def test_throughput_compute_bound_counts_every_critic_pass(benchmarks):
     assert flops(4, critic=False) == flops(1, critic=False)
     # Adapters on 1 of 4 layers: each critic pass backpropagates through a quarter of the body.
     assert flops(4) - flops(4, top_layers=1) == 4 * 2 * 0.75 * 32 * 10
+    # By phase: the critic's epochs add to the update only, the phases add up to the step.
+    ppo = SimpleNamespace(epochs=1, critic_epochs=4)
+    system = SimpleNamespace(policy=policy, lora_spec=LoRASpec(), critic_lora_spec=LoRASpec(), sampler_logprobs=True,
+                             ppo=ppo, critic=SimpleNamespace(backbone=critic_body))
+    phases = benchmarks["throughput"].phase_flops(system, rollout)
+    assert sum(phases.values()) == flops(4)
+    ppo.critic_epochs = 1
+    fewer = benchmarks["throughput"].phase_flops(system, rollout)
+    assert phases["update"] - fewer["update"] == 3 * per_critic_pass
+    assert phases["generation"] == fewer["generation"] and phases["frozen"] == fewer["frozen"]
 
 
 @pytest.mark.parametrize("how", ["stop file", "stop after"])
