@@ -100,7 +100,7 @@ def build(args: argparse.Namespace):
     import torch
 
     from vrpo_pl.lora import LoRASpec
-    from vrpo_pl.models import SmolLM2, TinyLM, build_models
+    from vrpo_pl.models import SmolLM2, TinyLM, build_models, with_pad_token
     from vrpo_pl.rollout import GenerationSettings, PromptSettings, sample_rollout
     from vrpo_pl.sampling import LoopSampler
     from vrpo_pl.settings import CriticSettings
@@ -110,9 +110,7 @@ def build(args: argparse.Namespace):
     lora = LoRASpec(**LORA)
     policy, _, critic = build_models(source, dtype, lora, critic=CriticSettings(vib=False, aux="none"),
                                      critic_lora=lora)
-    tokenizer = source.tokenizer()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = with_pad_token(source.tokenizer())
     lines = (REPO_ROOT / "configs" / "data" / "arithmetic.jsonl").read_text().splitlines()[: args.prompts]
     prompts = [json.loads(line)["prompt"] for line in lines for _ in range(args.samples)]
     torch.manual_seed(0)

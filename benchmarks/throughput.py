@@ -486,8 +486,8 @@ def measure(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> 
             **{phase: it.get(phase, 0.0) for phase in ("update_policy", "update_critic", "update_fused")},
             "other": it["iteration"] - it["rollout"] - it["score"] - it.get("update_policy", 0.0)
             - it.get("update_critic", 0.0) - it.get("update_fused", 0.0)})
-    record["flops"] = statistics.median(step_flops(system, cap["rollout"]) for cap in timer.captures[1:])
     by_phase = [phase_flops(system, cap["rollout"]) for cap in timer.captures[1:]]
+    record["flops"] = statistics.median(sum(p.values()) for p in by_phase)
     record["phase_flops"] = {k: statistics.median(p[k] for p in by_phase) for k in by_phase[0]}
     record["dtype"] = str(system.model_dtype).removeprefix("torch.")
     del cli, system, trainer, timer
@@ -581,12 +581,12 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                  f"**{it / bound:.2f}**", f"{rec['samples'] / it:.1f}", f"{rec['tokens'] / it:.0f}",
                  f"{rec['tokens'] / gen:.0f}", _mb(rec["peak_bytes"])]
         bf16 = rec.get("dtype") == "bfloat16" or "bf16" in args.precision
-        compute = rec["flops"] / peaks["bf16" if bf16 else "fp32"]
+        peak = peaks["bf16" if bf16 else "fp32"]
+        compute = rec["flops"] / peak
         cells += [f"{rec['flops'] / 1e12:.2f}", f"{compute:.3f}", f"**{it / compute:.1f}**",
                   f"{rec.get('warmup_s', float('nan')):.1f}"]
         lines.append(f"| {_label(rec)} | " + " | ".join(cells) + " |")
         if "phase_flops" in rec:
-            peak = peaks["bf16" if bf16 else "fp32"]
             seconds = {"generation": gen, "frozen": _median(fw, "frozen") + _median(fw, "score"),
                        "update": sum(_median(fw, k) for k in ("update_policy", "update_critic", "update_fused"))}
             phase_cells = []

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from tests.test_prefix import adapters_off_zero
 from vrpo_pl.decode import LeanDecoder, effective_weight
 from vrpo_pl.lora import LoRASpec
-from vrpo_pl.models import TinyLM, build_models
+from vrpo_pl.models import TinyLM, build_models, with_pad_token
 from vrpo_pl.rollout import GenerationSettings
 from vrpo_pl.sampling import LoopSampler
 
@@ -27,10 +27,7 @@ def _policy(lora: LoRASpec | None = None, dtype: torch.dtype = torch.float32):
     source = TinyLM()
     policy, _, _ = build_models(source, dtype, lora or LoRASpec(r=4, alpha=8))
     adapters_off_zero(policy)
-    tokenizer = source.tokenizer()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, policy
+    return with_pad_token(source.tokenizer()), policy
 
 
 def _prompts(tokenizer, samples: int = 2):

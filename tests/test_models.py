@@ -116,6 +116,26 @@ def test_return_normalizer_merges_batches_and_round_trips():
     torch.testing.assert_close(norm.denormalize(norm.normalize(y)), y)
 
 
+def test_return_normalizer_folds_masked_entries_after_the_reduction():
+    """update_masked folds only the entries under the mask, after ``reduce`` combined their count and sums (as the
+    sum over ranks does): two ranks' halves reduced give the statistics of the whole batch on each."""
+    from vrpo_pl.critic import ReturnNormalizer
+
+    x = torch.randn(2, 6, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.float64)
+    kept = x[mask.bool()]
+    alone = ReturnNormalizer()
+    alone.update_masked(x, mask)
+    assert float(alone.count) == 8
+    torch.testing.assert_close(alone.mean, kept.mean())
+    torch.testing.assert_close(alone.var, kept.var(unbiased=False))
+    other = torch.stack([mask[1].sum(), (x[1] * mask[1]).sum(), (x[1] ** 2 * mask[1]).sum()])  # the other rank's sums
+    rank0 = ReturnNormalizer()
+    rank0.update_masked(x[:1], mask[:1], reduce=lambda sums: sums + other)
+    for name in ("count", "mean", "var"):
+        torch.testing.assert_close(getattr(rank0, name), getattr(alone, name))
+
+
 def test_vib_critic_fits_a_regression_on_fixed_features():
     """On fixed SmolLM2-scale features whose target is a noisy nonlinear function of a few dimensions, the VIB head
     trained as in PPO's critic update (sampled z, KL weight beta = 1e-3, AdamW lr 1e-3, mini-batches of 16 x 10

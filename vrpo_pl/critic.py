@@ -5,6 +5,7 @@ Shapes: B sequences, T full length, A response tokens, H hidden size, Z latent s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +63,12 @@ class ReturnNormalizer(nn.Module):
         self.mean.fill_(float(self.mean) + delta * n / count)
         self.var.fill_(m2 / count)
         self.count.fill_(count)
+
+    def update_masked(self, x: Tensor, mask: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Folds the entries of ``x`` where ``mask`` is 1 into the statistics; ``reduce`` (e.g. a sum over ranks)
+        first combines their count and sums, so that every rank folds in the same global batch."""
+        sums = torch.stack([mask.sum(), (x * mask).sum(), (x**2 * mask).sum()])
+        self.update(*(sums if reduce is None else reduce(sums)).double().tolist())
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)

@@ -90,10 +90,8 @@ class LeanDecoder:
     then one :meth:`step` per new token."""
 
     def __init__(self, model: nn.Module, layers: list[_Layer], final_norm: Tensor, head: Tensor) -> None:
-        config = model.config
-        self.decoder = model.get_decoder()
-        self.embed = self.decoder.get_input_embeddings()
-        self.rotary = self.decoder.rotary_emb
+        config, decoder = model.config, model.get_decoder()
+        self.embed, self.rotary = decoder.get_input_embeddings(), decoder.rotary_emb
         self.layers, self.final_norm, self.head = layers, final_norm, head
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -121,11 +119,11 @@ class LeanDecoder:
             attention, mlp = block.self_attn, block.mlp
             weights = [effective_weight(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj,
                                                      attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-            norms = [block.input_layernorm, block.post_attention_layernorm]
-            if any(w is None for w in weights) or any(_norm_weight(n) is None for n in norms):
+            norms = [_norm_weight(block.input_layernorm), _norm_weight(block.post_attention_layernorm)]
+            if any(t is None for t in (*weights, *norms)):
                 return None
             q, k, v, o, gate, up, down = weights
-            layers.append(_Layer(_norm_weight(norms[0]), q, k, v, o, _norm_weight(norms[1]), gate, up, down))
+            layers.append(_Layer(norms[0], q, k, v, o, norms[1], gate, up, down))
         head, final_norm = effective_weight(model.get_output_embeddings()), _norm_weight(decoder.norm)
         if head is None or final_norm is None:
             return None

@@ -215,6 +215,15 @@ _TINY_CORPUS = [
 ]
 
 
+def with_pad_token(tokenizer):
+    """``tokenizer`` itself, given its EOS token as the pad token when it has none (decoder tokenizers such as
+    Llama's and GPT-2's ship without one). Padding positions are always masked, so any id works; a sequence
+    classifier finds a row's last token through ``pad_token_id``, so EOS is the choice that keeps both right."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def build_tiny_tokenizer(vocab_size: int = 384):
     """A byte-level BPE tokenizer trained in memory on a tiny fixed corpus, with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

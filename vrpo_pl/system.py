@@ -51,7 +51,15 @@ from vrpo_pl.critic import ValueModel
 from vrpo_pl.fused import adapter_pairs
 from vrpo_pl.lora import LoRASpec
 from vrpo_pl.metrics import PhaseTimer, rollout_metrics, sample_records
-from vrpo_pl.models import DType, LMSource, all_trained_by_lora, build_models, resolve_dtype, torch_dtype
+from vrpo_pl.models import (
+    DType,
+    LMSource,
+    all_trained_by_lora,
+    build_models,
+    resolve_dtype,
+    torch_dtype,
+    with_pad_token,
+)
 from vrpo_pl.passes import GuideFn, reference_guide, rows_per_forward, score_rollout
 from vrpo_pl.rewards.base import RewardFunction, call_reward, needs_groups
 from vrpo_pl.rollout import GenerationSettings, PromptSettings, Rollout, decode_completions, sample_rollout
@@ -146,7 +154,9 @@ class RLSystem(pl.LightningModule):
                             f"{type(reward).__name__}")
         self.kl_coef = float(self.kl.coef)
         self.reward_moments = RunningMoments()
-        self.tokenizer = self._load_tokenizer()
+        self.tokenizer = with_pad_token(self.policy_source.tokenizer())
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the policy's tokenizer has no EOS token; responses could never end")
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.critic: ValueModel | None = None
@@ -202,15 +212,6 @@ class RLSystem(pl.LightningModule):
         """Seconds of each phase of the last training step (``rollout``, ``generation``, ``score``, ``update``,
         ``update_policy``, ``update_critic``, ``update_fused``: the phases that ran)."""
         return dict(self.timer.seconds)
-
-    def _load_tokenizer(self):
-        tokenizer = self.policy_source.tokenizer()
-        if tokenizer.pad_token_id is None:
-            # Padding positions are always masked, so any id works; EOS is the conventional choice.
-            tokenizer.pad_token = tokenizer.eos_token
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the policy's tokenizer has no EOS token; responses could never end")
-        return tokenizer
 
     def configure_model(self) -> None:
         """Builds the policy, the reference (only without LoRA) and the critic once, inside the strategy; under
@@ -352,8 +353,7 @@ class RLSystem(pl.LightningModule):
         guide = self.guide_callback.raw_targets if self.guide_callback is not None else None
         p = self.ppo
         budget = p.max_tokens_per_forward if self.device_mesh is None else None  # FSDP2: the same calls on every rank
-        chunk = rows_per_forward(rollout.size, rollout.sequences.shape[1], budget,
-                                 default=p.micro_rows)
+        chunk = rows_per_forward(rollout.size, rollout.sequences.shape[1], budget, default=p.micro_rows)
         self._score(rollout, chunk, guide)
         if rollout.guide_raw is not None:
             targets = self.guide_callback.finalize(rollout.guide_raw, rollout.mask)
@@ -368,9 +368,7 @@ class RLSystem(pl.LightningModule):
             whiten=p.whiten_advantages, scale_by_std=p.grpo_scale_by_std, reduce=distributed.all_reduce_sum)
         normalizer = self.critic.head.return_norm if self.critic is not None else None
         if normalizer is not None:
-            m = r.mask
-            sums = distributed.all_reduce_sum(torch.stack([m.sum(), (r.returns * m).sum(), (r.returns**2 * m).sum()]))
-            normalizer.update(*sums.double().tolist())
+            normalizer.update_masked(r.returns, r.mask, reduce=distributed.all_reduce_sum)
 
     # ----------------------------------------------------------------- update
     def _ppo_update(self, r: Rollout) -> dict[str, float]:

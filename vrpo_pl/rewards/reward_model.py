@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vrpo_pl.models import with_pad_token
 from vrpo_pl.rewards.base import Completion, RewardFunction, RewardScores
 from vrpo_pl.rewards.noise import is_binary, observed_flip_rates
 
@@ -138,10 +139,7 @@ class RewardModel(RewardFunction):
                 f"RewardModel: the model at path={self.path!r} has num_labels={model.config.num_labels}; a reward "
                 "model needs 1 (sigmoid score) or 2 (label 1 = good)"
             )
-        if tokenizer.pad_token is None:
-            # Decoder backbones (Llama, GPT-2) ship without a pad token; their classifier finds the last token
-            # through pad_token_id, so both must agree.
-            tokenizer.pad_token = tokenizer.eos_token
+        with_pad_token(tokenizer)  # the classifier finds each row's last token through pad_token_id: both agree
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         model.requires_grad_(False)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vrpo_pl.models import with_pad_token
 from vrpo_pl.rewards.base import Completion
 from vrpo_pl.rewards.reward_model import RewardModel
 from vrpo_pl.rewards.verifiers import NumericVerifier
@@ -82,8 +83,7 @@ class SmolLMSampler:
         path = hub.smollm2_path() if path is None else path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        with_pad_token(self.tokenizer)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
