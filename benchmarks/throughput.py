@@ -36,12 +36,14 @@ token counts of each pass (:func:`step_flops`: 2 x the body's parameters per tok
 per token of every trained pass for the activation gradients, 2 x more again without LoRA for the weight
 gradients, the LM head only where logits are computed; attention scores and the tiny LoRA matrices are left out),
 divided by the matrix-multiply peak measured in the same run (:func:`matmul_peak`, fp32 and bf16; the one that
-matches ``--precision``). ``x bound`` = seconds per rollout batch / that time: the figure to drive down. The
-FLOPs are those of the plain passes (every row computes its prompt): sharing prompts removes some of them, which
-shows as a lower ``x bound``. A second table splits it by phase (:func:`phase_flops`: generation, the no-gradient
-passes with scoring, the update), each phase's seconds over its own arithmetic, to show where the gap is; a decode
-step reads every weight for a few rows, so generation's is memory-bound, far above its arithmetic
-(``benchmarks/decode_steps.py`` measures its matrix floor).
+matches ``--precision``). ``x bound`` = seconds per rollout batch / that time: the figure to drive down. A second
+table splits it by phase (:func:`phase_flops`: generation, the no-gradient passes with scoring, the update), each
+phase's seconds over its own arithmetic, to show where the gap is; a decode step reads every weight for a few rows,
+so generation's is memory-bound, far above its arithmetic (``benchmarks/decode_steps.py`` measures its matrix
+floor). These FLOPs are those of the plain passes (every row computes its prompt): sharing prompts removes some of
+them, which shows as a lower ``x bound`` (below 1 where the machine runs its matrices near the measured peak). A
+third table divides by the arithmetic the passes do instead (``phase_flops(..., prompts_once=True)``: each
+distinct prompt once), how far the step is from its matrix units.
 
     python benchmarks/throughput.py                                   # CPU, SmolLM2, base size
     python benchmarks/throughput.py --accelerator gpu --precision bf16-mixed --size large --out runs/bench/tp.md
@@ -226,7 +228,7 @@ def matmul_peak(dtype_name: str, threads: int | None = None, device: str = "cpu"
     return 2 * 2560 * 576 * 1536 / best
 
 
-def phase_flops(system, r) -> dict[str, float]:
+def phase_flops(system, r, prompts_once: bool = False) -> dict[str, float]:
     """Matrix FLOPs one rollout batch needs, by phase (``generation``, ``frozen``: the no-gradient passes,
     ``update``): every pass's real (non-padding) tokens x 2 x the parameters it uses.
 
@@ -235,10 +237,18 @@ def phase_flops(system, r) -> dict[str, float]:
     without LoRA, 2 x more for the weight gradients. Attention scores and LoRA's low-rank matrices are left out
     (a few percent at these lengths). A critic adapted on its top layers only (``top_layers``) backpropagates
     through those alone.
+
+    ``prompts_once``: the arithmetic the system's passes do rather than the plain passes' (every row computing its
+    prompt): where it shares prompts (``--model.generation.share_prompt_prefill`` for the prefill,
+    ``--model.ppo.share_prompt_prefix`` for the no-gradient passes, and for the update's when its mini-batches hold
+    whole prompt groups, ``--model.ppo.shuffle prompts``), each distinct prompt's columns but the last count once
+    per pass over the rollout (:mod:`vrpo_pl.prefix`); a pass split into slices that cut a group counts less than
+    it does.
     """
     import torch
 
     from vrpo_pl.lora import num_layers_of
+    from vrpo_pl.prefix import distinct_prompts
 
     config = system.policy.config
     hidden, vocab = config.hidden_size, config.vocab_size
@@ -248,13 +258,27 @@ def phase_flops(system, r) -> dict[str, float]:
     tokens = float(r.attention_mask.sum())  # prompt + response, per pass over the whole sequences
     prompt = float(r.attention_mask[:, : r.prompt_width].sum())
     response = float(r.mask.sum())
+    # The prompt tokens of a pass that computes each distinct prompt once (all but its last column, which every
+    # row computes), for the phases that share.
+    shared_prompt = prompt
+    if prompts_once and r.prompt_width >= 2:
+        distinct = distinct_prompts(r.sequences, r.attention_mask, r.prompt_width)
+        if distinct is not None:
+            split = r.prompt_width - 1
+            shared_prompt = float(r.attention_mask[distinct[0], :split].sum() + r.attention_mask[:, split].sum())
+    saved = prompt - shared_prompt
+    ppo = system.ppo
+    shares = prompts_once and ppo.share_prompt_prefix
+    prefill_prompt = shared_prompt if prompts_once and system.generation.share_prompt_prefill else prompt
+    frozen_tokens = tokens - saved if shares else tokens
+    update_tokens = tokens - saved if shares and ppo.shuffle == "prompts" else tokens
     train_factor = 2.0 if system.lora_spec is not None else 4.0  # backward on top of the forward's 2
     # Prefill (logits at the last prompt position only), then the decode steps.
-    generation = 2 * body * prompt + 2 * head * r.size + 2 * (body + head) * response
+    generation = 2 * body * prefill_prompt + 2 * head * r.size + 2 * (body + head) * response
     passes = 1 + (0 if system.sampler_logprobs else 1)  # reference (+ the policy's own pass)
-    frozen = passes * 2 * (body * tokens + head * response)
-    epochs, critic_epochs = system.ppo.epochs, system.ppo.critic_epochs or system.ppo.epochs
-    update = epochs * (2 + train_factor) * (body * tokens + head * response)  # policy update
+    frozen = passes * 2 * (body * frozen_tokens + head * response)
+    epochs, critic_epochs = ppo.epochs, ppo.critic_epochs or ppo.epochs
+    update = epochs * (2 + train_factor) * (body * update_tokens + head * response)  # policy update
     if system.critic is not None:
         spec = system.critic_lora_spec
         # LoRA: the backward pass computes activation gradients (2 per weight and token) down to the lowest adapted
@@ -262,8 +286,8 @@ def phase_flops(system, r) -> dict[str, float]:
         top = None if spec is None else spec.top_layers
         fraction = 1.0 if top is None else top / num_layers_of(system.critic.backbone)
         critic_train = 2.0 * fraction if spec is not None else 4.0
-        frozen += 2 * body * tokens  # the values
-        update += critic_epochs * (2 + critic_train) * body * tokens
+        frozen += 2 * body * frozen_tokens  # the values
+        update += critic_epochs * (2 + critic_train) * body * update_tokens
     return {"generation": generation, "frozen": frozen, "update": update}
 
 
@@ -489,6 +513,8 @@ def measure(algorithm: str, args: argparse.Namespace, backend: str = "loop") -> 
     by_phase = [phase_flops(system, cap["rollout"]) for cap in timer.captures[1:]]
     record["flops"] = statistics.median(sum(p.values()) for p in by_phase)
     record["phase_flops"] = {k: statistics.median(p[k] for p in by_phase) for k in by_phase[0]}
+    done = [phase_flops(system, cap["rollout"], prompts_once=True) for cap in timer.captures[1:]]
+    record["done_flops"] = {k: statistics.median(p[k] for p in done) for k in done[0]}
     record["dtype"] = str(system.model_dtype).removeprefix("torch.")
     del cli, system, trainer, timer
     gc.collect()
@@ -568,6 +594,10 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                    "| algorithm | generation s | its bound s | x | no-gradient passes s | their bound s | x | update s "
                    "| its bound s | x |",
                    "|---|" + "---:|" * 9]
+    done_lines = ["", "The arithmetic the passes do (phase_flops with prompts_once: each distinct prompt once where "
+                  "the passes share prompts; the tables above count every row's prompt), at the same peak:", "",
+                  "| algorithm | TFLOP done | its bound s | x | generation x | no-gradient passes x | update x |",
+                  "|---|" + "---:|" * 6]
     for rec in records:
         if "framework" not in rec:
             lines.append(f"| {rec['algorithm']} (reference) |" + " |" * 13 + f" {_mb(rec['peak_bytes'])} | | | | |")
@@ -595,6 +625,11 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                 phase_cells += [f"{seconds[phase]:.3f}", f"{floor:.4g}",
                                 f"**{seconds[phase] / floor:.1f}**" if floor > 0 else "-"]
             phase_lines.append(f"| {_label(rec)} | " + " | ".join(phase_cells) + " |")
+            if "done_flops" in rec:  # reports from before the prompts_once count have none
+                seconds["all"], done = it, {**rec["done_flops"], "all": sum(rec["done_flops"].values())}
+                done_lines.append(f"| {_label(rec)} | {done['all'] / 1e12:.2f} | {done['all'] / peak:.4g} | "
+                                  + " | ".join(f"**{seconds[k] / (done[k] / peak):.1f}**" if done[k] > 0 else "-"
+                                               for k in ("all", "generation", "frozen", "update")) + " |")
         bound_lines.append(f"| {_label(rec)} | " + " | ".join(f"{_median(lb, k):.3f}" for k in [*PHASES, "total"])
                            + " |")
     notes = ["", "Medians over the measured rollout batches (warm-up excluded). ratio = s / rollout batch divided by "
@@ -605,7 +640,8 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                  "torch.cuda.max_memory_allocated." if args.accelerator in ("gpu", "cuda") else
                  "peak RSS of a fresh process per row." if args.isolate else
                  "peak RSS sampled during the run (one shared process)."), ""]
-    return "\n".join(lines + phase_lines + bound_lines + notes + backend_table(records))
+    done_lines = done_lines if len(done_lines) > 5 else []
+    return "\n".join(lines + phase_lines + done_lines + bound_lines + notes + backend_table(records))
 
 
 def _label(rec: dict) -> str:

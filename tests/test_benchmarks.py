@@ -237,6 +237,11 @@ def test_throughput_tiny_reports_every_algorithm(benchmarks, tmp_path, single_th
         step_bound = float(row[columns.index("s / rollout batch")]) / float(row[columns.index("x bound")].strip("*"))
         assert all(b > 0 for b in bounds) and sum(bounds) == pytest.approx(step_bound, rel=0.02), (cells, step_bound)
         assert float(cells[1]) == pytest.approx(float(main_cells[algorithm][columns.index("generation")]), abs=1e-3)
+        # The arithmetic done (each repeated prompt once: 2 samples per prompt here) is less, its ratio no lower.
+        done = next([c.strip() for c in line.split("|")[1:-1]] for line in phase_table.split("The arithmetic")[1]
+                    .splitlines() if line.startswith(f"| {algorithm} |"))
+        assert 0 < float(done[2]) < step_bound
+        assert float(done[3].strip("*")) >= float(row[columns.index("x bound")].strip("*"))
     png = out.with_suffix(".png")
     assert png.stat().st_size > 10_000, "the phase plot was not drawn"
     png.unlink()
@@ -357,6 +362,42 @@ def test_throughput_compute_bound_counts_every_critic_pass(benchmarks):
     fewer = benchmarks["throughput"].phase_flops(system, rollout)
     assert phases["update"] - fewer["update"] == 3 * per_critic_pass
     assert phases["generation"] == fewer["generation"] and phases["frozen"] == fewer["frozen"]
+
+
+def test_throughput_arithmetic_done_counts_each_shared_prompt_once(benchmarks):
+    """``prompts_once``: where prompts are shared, each distinct prompt's columns but the last count once per pass
+    (the prefill with share_prompt_prefill, the no-gradient passes with share_prompt_prefix, the update's when its
+    mini-batches hold whole prompt groups); switched off, or with no repeated prompt, the plain count."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vrpo_pl.lora import LoRASpec
+
+    body = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False))  # 32 body parameters
+    policy = SimpleNamespace(config=SimpleNamespace(hidden_size=4, vocab_size=10), named_modules=body.named_modules)
+    # 4 rows, 3 prompt columns (2 distinct prompts, each twice) + 2 response columns.
+    sequences = torch.tensor([[1, 2, 3, 9, 9], [1, 2, 3, 8, 8], [4, 5, 6, 9, 9], [4, 5, 6, 7, 7]])
+    rollout = SimpleNamespace(sequences=sequences, attention_mask=torch.ones(4, 5), prompt_width=3,
+                              mask=torch.ones(4, 2), size=4)
+
+    def phases(share=True, prefill=True, shuffle="prompts", rollout=rollout, once=True):
+        system = SimpleNamespace(
+            policy=policy, lora_spec=LoRASpec(), critic_lora_spec=None, sampler_logprobs=True, critic=None,
+            ppo=SimpleNamespace(epochs=1, critic_epochs=1, share_prompt_prefix=share, shuffle=shuffle),
+            generation=SimpleNamespace(share_prompt_prefill=prefill))
+        return benchmarks["throughput"].phase_flops(system, rollout, prompts_once=once)
+
+    plain, once = phases(once=False), phases()
+    saved = 4  # 12 prompt tokens; 2 distinct x 2 columns + 4 rows x the last column = 8 computed
+    assert plain["generation"] - once["generation"] == 2 * 32 * saved
+    assert plain["frozen"] - once["frozen"] == 2 * 32 * saved  # one reference pass
+    assert plain["update"] - once["update"] == (2 + 2) * 32 * saved  # forward + activation gradients
+    assert phases(prefill=False)["generation"] == plain["generation"]
+    assert phases(share=False)["frozen"] == plain["frozen"] and phases(share=False)["update"] == plain["update"]
+    assert phases(shuffle="rows")["update"] == plain["update"] and phases(shuffle="rows")["frozen"] == once["frozen"]
+    distinct = SimpleNamespace(**{**vars(rollout), "sequences": torch.arange(20).reshape(4, 5)})
+    assert phases(rollout=distinct) == phases(rollout=distinct, once=False)
 
 
 @pytest.mark.parametrize("how", ["stop file", "stop after"])
