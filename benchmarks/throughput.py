@@ -207,25 +207,28 @@ class PhaseTimer:
         self.first_start = self.warmup = float("nan")  # the warm-up rollout batch (compilation included)
 
 
-def matmul_peak(dtype_name: str, threads: int | None = None, device: str = "cpu") -> float:
-    """Measured matrix-multiply throughput in FLOP/s: a 2560x576 @ 576x1536 product (a SmolLM2-sized layer over
-    a micro-batch), best of 5 timings of 10 after a warm-up."""
+def matmul_peak(dtype_name: str, threads: int | None = None, device: str = "cpu",
+                shape: tuple[int, int, int] = (2560, 576, 1536), reps: int = 10) -> float:
+    """Measured matrix-multiply throughput in FLOP/s of ``(rows x k) @ (k x n)``, ``shape = (rows, k, n)``: by
+    default 2560x576 @ 576x1536 (a SmolLM2-sized layer over a micro-batch); best of 5 timings of ``reps`` products
+    after a warm-up."""
     import torch
 
+    rows, k, n = shape
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a = torch.randn(2560, 576, dtype=dtype, device=device)
-    b = torch.randn(576, 1536, dtype=dtype, device=device)
+    a = torch.randn(rows, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
     best = math.inf
     for _ in range(5):
         _sync()
         start = time.perf_counter()
-        for _ in range(10):
+        for _ in range(reps):
             a @ b
         _sync()
-        best = min(best, (time.perf_counter() - start) / 10)
-    return 2 * 2560 * 576 * 1536 / best
+        best = min(best, (time.perf_counter() - start) / reps)
+    return 2 * rows * k * n / best
 
 
 def phase_flops(system, r, prompts_once: bool = False) -> dict[str, float]:
@@ -594,10 +597,11 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                    "| algorithm | generation s | its bound s | x | no-gradient passes s | their bound s | x | update s "
                    "| its bound s | x |",
                    "|---|" + "---:|" * 9]
-    done_lines = ["", "The arithmetic the passes do (phase_flops with prompts_once: each distinct prompt once where "
-                  "the passes share prompts; the tables above count every row's prompt), at the same peak:", "",
-                  "| algorithm | TFLOP done | its bound s | x | generation x | no-gradient passes x | update x |",
-                  "|---|" + "---:|" * 6]
+    done_header = ["", "The arithmetic the passes do (phase_flops with prompts_once: each distinct prompt once where "
+                   "the passes share prompts; the tables above count every row's prompt), at the same peak:", "",
+                   "| algorithm | TFLOP done | its bound s | x | generation x | no-gradient passes x | update x |",
+                   "|---|" + "---:|" * 6]
+    done_rows = []  # reports from before the prompts_once count have none
     for rec in records:
         if "framework" not in rec:
             lines.append(f"| {rec['algorithm']} (reference) |" + " |" * 13 + f" {_mb(rec['peak_bytes'])} | | | | |")
@@ -625,11 +629,13 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                 phase_cells += [f"{seconds[phase]:.3f}", f"{floor:.4g}",
                                 f"**{seconds[phase] / floor:.1f}**" if floor > 0 else "-"]
             phase_lines.append(f"| {_label(rec)} | " + " | ".join(phase_cells) + " |")
-            if "done_flops" in rec:  # reports from before the prompts_once count have none
-                seconds["all"], done = it, {**rec["done_flops"], "all": sum(rec["done_flops"].values())}
-                done_lines.append(f"| {_label(rec)} | {done['all'] / 1e12:.2f} | {done['all'] / peak:.4g} | "
-                                  + " | ".join(f"**{seconds[k] / (done[k] / peak):.1f}**" if done[k] > 0 else "-"
-                                               for k in ("all", "generation", "frozen", "update")) + " |")
+            if "done_flops" in rec:
+                done = rec["done_flops"]
+                total = sum(done.values()) / peak
+                ratios = [it / total] + [seconds[k] / (done[k] / peak) if done[k] > 0 else None
+                                         for k in ("generation", "frozen", "update")]
+                done_rows.append(f"| {_label(rec)} | {total * peak / 1e12:.2f} | {total:.4g} | " + " | ".join(
+                    f"**{x:.1f}**" if x is not None else "-" for x in ratios) + " |")
         bound_lines.append(f"| {_label(rec)} | " + " | ".join(f"{_median(lb, k):.3f}" for k in [*PHASES, "total"])
                            + " |")
     notes = ["", "Medians over the measured rollout batches (warm-up excluded). ratio = s / rollout batch divided by "
@@ -640,7 +646,7 @@ def report(records: list[dict], args: argparse.Namespace, header: str, peaks: di
                  "torch.cuda.max_memory_allocated." if args.accelerator in ("gpu", "cuda") else
                  "peak RSS of a fresh process per row." if args.isolate else
                  "peak RSS sampled during the run (one shared process)."), ""]
-    done_lines = done_lines if len(done_lines) > 5 else []
+    done_lines = done_header + done_rows if done_rows else []
     return "\n".join(lines + phase_lines + done_lines + bound_lines + notes + backend_table(records))
 
 
